@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import ipaddress
+import json
+import mimetypes
+import os
+import random
+import re
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import unquote_plus
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from runner.decode import BodyLimit
+from runner.errors import (
+    DecodeError,
+    RenderError,
+    RunError,
+    SecurityError,
+    UnavailableError,
+    UsageError,
+)
+from runner.redact import Redactor
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +71,8 @@ class PreparedRequest:
     cookies: dict[str, str] = field(default_factory=dict)
     # Header names whose values are credentials: never sent to another origin.
     sensitive_headers: set[str] = field(default_factory=set)
+    # Query parameter names whose values are credentials (api_key in: query): same rule.
+    sensitive_query: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -51,7 +83,7 @@ class Response:
     body: bytes
     url: str  # the final URL, after redirects
     attempts: int = 1
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # the whole send: every attempt, hop and wait
 
     @property
     def content_type(self) -> str | None:
@@ -70,3 +102,671 @@ class Stats:
         self.requests += 1
         key = str(status)
         self.status_counts[key] = self.status_counts.get(key, 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    requests: int
+    per_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.per_seconds <= 0:
+            raise UsageError(
+                f"rate_limit needs requests >= 1 and per_seconds > 0, got {self.requests} "
+                f"per {self.per_seconds} s"
+            )
+
+
+class Authorize(Protocol):
+    """Credentials for one attempt, provided by the auth layer."""
+
+    async def apply(self, request: PreparedRequest) -> PreparedRequest:
+        """A copy of the request with credentials, their header names in sensitive_headers."""
+        ...
+
+    async def refresh(self, failed: PreparedRequest) -> bool:
+        """Called on a 401: True if the credentials were refreshed (the request is resent once)."""
+        ...
+
+
+class TransportError(UnavailableError):
+    """A request that never got a response after all its attempts."""
+
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+CHUNK_SIZE = 65536
+# X-RateLimit-Reset above this is an epoch time, below it seconds to wait.
+EPOCH_THRESHOLD = 1e9
+# Never sent to another origin, whatever the auth layer marked.
+ALWAYS_SENSITIVE = frozenset({"authorization", "cookie", "proxy-authorization"})
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
+_TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
+# ---------------------------------------------------------------- URLs and bodies
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: the hosts where plain http:// is allowed."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """Scheme, host and port of an absolute URL, default ports filled in."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise RunError(f"invalid URL: {exc}", url=url) from exc
+    return _origin(parsed, url)
+
+
+def _origin(parsed: URL, shown: str) -> tuple[str, str, int]:
+    if not parsed.absolute or parsed.host is None or parsed.port is None:
+        raise RunError("not an absolute URL", url=shown)
+    return parsed.scheme.lower(), parsed.host.lower(), parsed.port
+
+
+def build_url(base_url: str, path: str) -> str:
+    """`base_url` without its trailing `/`, then `path` (yarl's join would drop the base path)."""
+    if path and not path.startswith("/"):
+        path = "/" + path
+    return base_url.rstrip("/") + path
+
+
+def _query_value(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return str(value)
+
+
+def encode_query(query: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Null omitted, booleans `true`/`false`, a list repeats its key, an object as compact JSON."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in query.items():
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                text = _query_value(item)
+                if text is not None:
+                    pairs.append((key, text))
+        else:
+            text = _query_value(value)
+            if text is not None:
+                pairs.append((key, text))
+    return pairs
+
+
+def _disposition_name(value: str) -> str:
+    # What browsers do (WHATWG multipart/form-data encoding).
+    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def encode_multipart(parts: Mapping[str, Any]) -> tuple[bytes, str]:
+    """The body and its Content-Type; file parts are read now, so every attempt sends these bytes.
+
+    A part is a string or `{file, filename, content_type}`; numbers and booleans are sent as
+    text (`true`/`false`), a null part is left out.
+    """
+    encoded: list[tuple[bytes, bytes]] = []  # (part headers, content)
+    for name, part in parts.items():
+        disposition = f'form-data; name="{_disposition_name(name)}"'
+        if isinstance(part, Mapping):
+            path = part.get("file")
+            unknown = set(part) - {"file", "filename", "content_type"}
+            if not isinstance(path, str) or unknown:
+                raise RenderError(
+                    f"multipart part '{name}': a part is a string or "
+                    "{file, filename, content_type}"
+                )
+            try:
+                with open(path, "rb") as handle:
+                    content = handle.read()
+            except OSError as exc:
+                raise RenderError(f"multipart part '{name}': cannot read {path}: {exc}") from exc
+            filename = str(part.get("filename") or os.path.basename(path))
+            content_type = part.get("content_type") or (
+                mimetypes.guess_type(filename)[0] or "application/octet-stream"
+            )
+            head = (
+                f'Content-Disposition: {disposition}; filename="{_disposition_name(filename)}"\r\n'
+                f"Content-Type: {content_type}\r\n"
+            )
+        else:
+            text = _query_value(part)
+            if text is None:
+                continue
+            content = text.encode("utf-8")
+            head = f"Content-Disposition: {disposition}\r\n"
+        encoded.append((head.encode("utf-8"), content))
+    boundary = uuid.uuid4().hex
+    while any(boundary.encode("ascii") in data for _, data in encoded):
+        boundary = uuid.uuid4().hex
+    delimiter = b"--" + boundary.encode("ascii")
+    chunks: list[bytes] = []
+    for part_head, part_content in encoded:
+        chunks += [delimiter, b"\r\n", part_head, b"\r\n", part_content, b"\r\n"]
+    chunks += [delimiter, b"--\r\n"]
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def _check_scheme(url: URL, shown: str, allow_insecure_http: bool) -> None:
+    if url.scheme == "https":
+        return
+    if url.scheme != "http":
+        raise SecurityError(f"unsupported URL scheme '{url.scheme}'", url=shown)
+    if not allow_insecure_http and not is_loopback(url.host or ""):
+        raise SecurityError(
+            "plain http:// to a host that is not loopback refused "
+            "(set allow_insecure_http: true on the service to allow it)",
+            url=shown,
+        )
+
+
+def _full_url(request: PreparedRequest) -> URL:
+    try:
+        url = URL(request.url, encoded=True)
+        return url.extend_query(request.query) if request.query else url
+    except (ValueError, TypeError) as exc:
+        raise RunError(f"invalid URL: {exc}", url=request.url) from exc
+
+
+def _strip_query(url: URL, names: set[str]) -> URL:
+    """The URL without the named parameters, the others left byte for byte."""
+    raw = url.raw_query_string
+    if not raw or not names:
+        return url
+    kept = [pair for pair in raw.split("&") if unquote_plus(pair.split("=", 1)[0]) not in names]
+    bare = url.with_query(None)
+    return URL(f"{bare}?{'&'.join(kept)}", encoded=True) if kept else bare
+
+
+def redirect_request(
+    request: PreparedRequest, status: int, location: str, *, allow_insecure_http: bool = False
+) -> PreparedRequest:
+    """The next hop of a redirect, following browsers and RFC 9110.
+
+    303 (and 301/302 after a POST) become a GET without body; 307 and 308 keep both. A hop to
+    another origin loses every credential: Authorization, Cookie, Proxy-Authorization, the
+    headers marked sensitive, the cookies and the credential query parameters.
+    """
+    current = _full_url(request)
+    try:
+        target = current.join(URL(location)).with_fragment(None)
+    except (ValueError, TypeError) as exc:
+        raise RunError(f"invalid redirect Location {location!r}: {exc}", url=str(current)) from exc
+    shown = str(target)
+    if current.scheme == "https" and target.scheme == "http":
+        raise SecurityError(f"redirect from https to http refused: {shown}", url=str(current))
+    _check_scheme(target, shown, allow_insecure_http)
+    method = request.method
+    body = request.body
+    headers = dict(request.headers)
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        method, body = "GET", None
+        headers = {k: v for k, v in headers.items() if k.lower() not in _BODY_HEADERS}
+    cookies = request.cookies
+    sensitive_headers = request.sensitive_headers
+    sensitive_query = request.sensitive_query
+    if _origin(target, shown) != _origin(current, str(current)):
+        dropped = ALWAYS_SENSITIVE | {name.lower() for name in sensitive_headers}
+        headers = {k: v for k, v in headers.items() if k.lower() not in dropped}
+        target = _strip_query(target, sensitive_query)
+        cookies, sensitive_headers, sensitive_query = {}, set(), set()
+    # The hop's URL keeps the server's query as sent, so `query` stays empty.
+    return PreparedRequest(
+        method=method,
+        url=str(target),
+        query=[],
+        headers=headers,
+        body=body,
+        cookies=dict(cookies),
+        sensitive_headers=set(sensitive_headers),
+        sensitive_query=set(sensitive_query),
+    )
+
+
+# ---------------------------------------------------------------- timing
+
+
+def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform in [0, min(max_delay, initial_delay * multiplier ** (attempt - 1))]."""
+    ceiling = min(policy.max_delay, policy.initial_delay * policy.multiplier ** (attempt - 1))
+    return (rng or random).uniform(0, ceiling)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+_RATELIMIT_FIELD = re.compile(r"([A-Za-z-]+)\s*=\s*\"?([0-9.]+)")
+
+
+def _reset_seconds(value: str, now: float) -> float | None:
+    try:
+        reset = float(value.strip())
+    except ValueError:
+        return None
+    return max(0.0, reset - now) if reset > EPOCH_THRESHOLD else max(0.0, reset)
+
+
+def rate_limit_wait(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds until the quota resets when the headers say none is left, else None.
+
+    Reads `X-RateLimit-Remaining`/`-Reset`, the IETF draft `RateLimit-Remaining`/`-Reset`, and
+    the combined `RateLimit: limit=10, remaining=0, reset=5` (or `r=0;t=5`). A reset above 10^9
+    is an epoch time, else seconds. `headers` has lower-case names.
+    """
+    wall = time.time() if now is None else now
+    for prefix in ("x-ratelimit-", "ratelimit-"):
+        remaining = headers.get(prefix + "remaining")
+        reset = headers.get(prefix + "reset")
+        if remaining is not None and reset is not None and remaining.strip() in ("0", "0.0"):
+            return _reset_seconds(reset, wall)
+    combined = headers.get("ratelimit")
+    if combined:
+        fields = {k.lower(): v for k, v in _RATELIMIT_FIELD.findall(combined)}
+        remaining = fields.get("remaining", fields.get("r"))
+        reset = fields.get("reset", fields.get("t"))
+        if remaining is not None and reset is not None and float(remaining) == 0:
+            return _reset_seconds(reset, wall)
+    return None
+
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class SlidingWindow:
+    """At most `requests` acquisitions in any window of `per_seconds`: a log of send times."""
+
+    def __init__(self, limit: RateLimit, clock: Clock, sleep: Sleep) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._sleep = sleep
+        self._sent: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        # Waiters queue on the lock, so slots are granted in arrival order.
+        async with self._lock:
+            sent, per = self._sent, self._limit.per_seconds
+            while True:
+                now = self._clock()
+                while sent and sent[0] <= now - per:
+                    sent.popleft()
+                if len(sent) < self._limit.requests:
+                    sent.append(now)
+                    return
+                await self._sleep(sent[0] + per - now)
+
+
+# ---------------------------------------------------------------- the client
+
+
+def _ssl_context(tls: TlsOptions) -> ssl.SSLContext | bool:
+    if not tls.verify:
+        return False
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.client_cert:
+            context.load_cert_chain(tls.client_cert, tls.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load TLS files: {exc}") from exc
+    return context
+
+
+def _response_headers(raw: CIMultiDictProxy[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in raw.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
+
+
+def _describe(exc: BaseException, timeouts: Timeouts) -> str:
+    """Names the cause of a transport failure in words an integrator acts on."""
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return f"timed out after {timeouts.read:g} s waiting for data (read timeout)"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"timed out after {timeouts.connect:g} s connecting (connect timeout)"
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return f"timed out after {timeouts.read:g} s waiting for data (read timeout)"
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeouts.total:g} s (total timeout per attempt)"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"response body cut short: {exc}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server disconnected without a response"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc}"
+    return f"connection failed: {exc or type(exc).__name__}"
+
+
+class _Attempt(Exception):
+    """Internal: a transport failure of one attempt, already described and counted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ServiceClient:
+    """One per service for a run: a ClientSession with its own connector, limits and state."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rate_limit: RateLimit | None = None,
+        max_concurrency: int | None = None,
+        tls: TlsOptions = TlsOptions(),
+        cookies: bool = False,
+        stats: Stats,
+        redactor: Redactor,
+        allow_insecure_http: bool = False,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        self.name = name
+        self.stats = stats
+        self._redactor = redactor
+        self._allow_insecure_http = allow_insecure_http
+        self._clock = clock
+        self._sleep = sleep
+        self._wall_clock = wall_clock
+        self._ssl = _ssl_context(tls)  # here, so a bad CA file fails before any request
+        self._cookies = cookies
+        self._max_concurrency = max_concurrency
+        self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._window = SlidingWindow(rate_limit, clock, sleep) if rate_limit else None
+        self._paused_until = float("-inf")
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created on first use: aiohttp wants a running event loop.
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_concurrency or 0, ssl=self._ssl)
+            # unsafe: internal services are often reached by IP address.
+            jar: aiohttp.abc.AbstractCookieJar = (
+                aiohttp.CookieJar(unsafe=True) if self._cookies else aiohttp.DummyCookieJar()
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, cookie_jar=jar, trust_env=True, auto_decompress=True
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def pause_until(self, when: float) -> None:
+        """Pauses every request of this service until `when` (on the client's monotonic clock)."""
+        self._paused_until = max(self._paused_until, when)
+
+    def _client_timeout(self, t: Timeouts) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(t)
+        if timeout is None:
+            # sock_read must be set: without it a server that stalls after headers hangs to total.
+            timeout = aiohttp.ClientTimeout(
+                total=t.total, connect=t.connect, sock_connect=t.connect, sock_read=t.read
+            )
+            self._timeouts[t] = timeout
+        return timeout
+
+    async def send(
+        self,
+        request: PreparedRequest,
+        *,
+        retry: RetryPolicy,
+        timeouts: Timeouts,
+        retry_unsafe: bool = False,
+        max_body_bytes: int,
+        first_attempt: int = 1,
+        initial_wait: float | None = None,
+        authorize: Authorize | None = None,
+    ) -> Response:
+        """Sends with retries, redirects, rate limit and 401 refresh; returns the final response.
+
+        A retryable status left after the last attempt is returned as is (the engine's rules
+        decide); a transport failure after the last attempt raises TransportError.
+        """
+        started = self._clock()
+        attempt = first_attempt
+        try:
+            _check_scheme(_full_url(request), request.url, self._allow_insecure_http)
+            can_retry = (
+                retry_unsafe
+                or request.method.upper() in IDEMPOTENT_METHODS
+                or any(k.lower() == "idempotency-key" for k in request.headers)
+            )
+            timeout = self._client_timeout(timeouts)
+            wait = initial_wait
+            refreshed = False
+            resend = first_attempt > 1
+            while True:
+                if wait:
+                    await self._sleep(wait)
+                if resend:
+                    self.stats.retries += 1
+                resend = True
+                sent = await authorize.apply(request) if authorize is not None else request
+                try:
+                    response = await self._follow(sent, retry, timeout, timeouts, max_body_bytes)
+                except _Attempt as failure:
+                    if not can_retry or attempt >= retry.max_attempts:
+                        raise TransportError(
+                            failure.message, attempts=attempt, elapsed_s=self._since(started)
+                        ) from failure.__cause__
+                    wait = backoff_delay(retry, attempt)
+                    attempt += 1
+                    continue
+                response.attempts = attempt
+                if response.status == 401 and authorize is not None and not refreshed:
+                    refreshed = True
+                    if await authorize.refresh(sent):
+                        wait = None
+                        continue  # this resend is not counted toward max_attempts
+                if response.status in RETRY_STATUSES and can_retry and attempt < retry.max_attempts:
+                    wait = self._retry_wait(response, retry, attempt)
+                    attempt += 1
+                    continue
+                response.elapsed_s = self._since(started)
+                return response
+        except RunError as exc:
+            raise self._located(exc, request, attempt, started) from exc.__cause__
+
+    def _since(self, started: float) -> float:
+        return max(0.0, self._clock() - started)
+
+    def _located(
+        self, exc: RunError, request: PreparedRequest, attempt: int, started: float
+    ) -> RunError:
+        redact = self._redactor.redact
+        exc.message = redact(exc.message)
+        exc.url = redact(exc.url if exc.url is not None else str(_safe_url(request)))
+        if exc.body is not None:
+            exc.body = redact(exc.body)
+        return exc.in_context(
+            method=request.method, attempts=attempt, elapsed_s=self._since(started)
+        )
+
+    def _retry_wait(self, response: Response, retry: RetryPolicy, attempt: int) -> float:
+        retry_after = retry_after_seconds(response.headers.get("retry-after"), self._wall_clock())
+        if retry_after is None:
+            return backoff_delay(retry, attempt)
+        if retry_after > retry.max_retry_after:
+            raise UnavailableError(
+                f"Retry-After of {retry_after:g} s exceeds max_retry_after "
+                f"({retry.max_retry_after:g} s)",
+                url=response.url,
+                status=response.status,
+                reason=response.reason,
+                body=response.body.decode("utf-8", "replace"),
+            )
+        return retry_after
+
+    async def _follow(
+        self,
+        request: PreparedRequest,
+        retry: RetryPolicy,
+        timeout: aiohttp.ClientTimeout,
+        timeouts: Timeouts,
+        max_body_bytes: int,
+    ) -> Response:
+        """One attempt: the request and its redirect hops, each hop a request of its own."""
+        hops = 0
+        while True:
+            response = await self._request(request, retry, timeout, timeouts, max_body_bytes)
+            location = response.headers.get("location")
+            if response.status not in REDIRECT_STATUSES or not location:
+                return response
+            if hops == MAX_REDIRECTS:
+                raise RunError(
+                    f"too many redirects ({MAX_REDIRECTS})",
+                    url=response.url,
+                    status=response.status,
+                    reason=response.reason,
+                )
+            hops += 1
+            request = redirect_request(
+                request,
+                response.status,
+                location,
+                allow_insecure_http=self._allow_insecure_http,
+            )
+
+    async def _request(
+        self,
+        request: PreparedRequest,
+        retry: RetryPolicy,
+        timeout: aiohttp.ClientTimeout,
+        timeouts: Timeouts,
+        max_body_bytes: int,
+    ) -> Response:
+        if self._semaphore is None:
+            return await self._request_now(request, retry, timeout, timeouts, max_body_bytes)
+        async with self._semaphore:
+            return await self._request_now(request, retry, timeout, timeouts, max_body_bytes)
+
+    async def _wait_for_pause(self, retry: RetryPolicy) -> None:
+        while (wait := self._paused_until - self._clock()) > 0:
+            if wait > retry.max_retry_after:
+                raise UnavailableError(
+                    f"service '{self.name}' is rate limited for {wait:.0f} s, more than "
+                    f"max_retry_after ({retry.max_retry_after:g} s)"
+                )
+            await self._sleep(wait)
+
+    async def _request_now(
+        self,
+        request: PreparedRequest,
+        retry: RetryPolicy,
+        timeout: aiohttp.ClientTimeout,
+        timeouts: Timeouts,
+        max_body_bytes: int,
+    ) -> Response:
+        await self._wait_for_pause(retry)
+        if self._window is not None:
+            await self._window.acquire()
+        url = _full_url(request)
+        session = self._get_session()
+        counted = False  # a response whose body then fails is still one request, counted once
+        try:
+            async with session.request(
+                request.method,
+                url,
+                headers=request.headers,
+                data=request.body,
+                cookies=request.cookies or None,
+                allow_redirects=False,
+                timeout=timeout,
+            ) as resp:
+                status, reason, final_url = resp.status, resp.reason or "", str(resp.url)
+                self.stats.count_response(status)
+                counted = True
+                headers = _response_headers(resp.headers)
+                self._observe_limits(status, headers, retry)
+                body = await _read_body(resp, max_body_bytes, final_url, status)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            self.stats.requests += 1
+            raise SecurityError(
+                f"TLS certificate verification failed: {exc.certificate_error}", url=str(url)
+            ) from exc
+        except _TRANSPORT_ERRORS as exc:
+            self.stats.requests += not counted
+            raise _Attempt(_describe(exc, timeouts)) from exc
+        except aiohttp.ClientError as exc:
+            self.stats.requests += not counted
+            raise RunError(f"invalid HTTP response: {exc}", url=str(url)) from exc
+        return Response(status=status, reason=reason, headers=headers, body=body, url=final_url)
+
+    def _observe_limits(self, status: int, headers: dict[str, str], retry: RetryPolicy) -> None:
+        """Pauses the whole service when the server says so, not only this request."""
+        wait: float | None = None
+        if status in (429, 503):
+            wait = retry_after_seconds(headers.get("retry-after"), self._wall_clock())
+            if wait is not None and wait > retry.max_retry_after:
+                wait = None  # this request fails on it; the others need not stall
+        if wait is None and (
+            "x-ratelimit-remaining" in headers
+            or "ratelimit" in headers
+            or "ratelimit-remaining" in headers
+        ):
+            wait = rate_limit_wait(headers, self._wall_clock())
+        if wait:
+            self.pause_until(self._clock() + wait)
+
+
+def _safe_url(request: PreparedRequest) -> str:
+    try:
+        return str(_full_url(request))
+    except RunError:
+        return request.url
+
+
+async def _read_body(
+    resp: aiohttp.ClientResponse, max_body_bytes: int, url: str, status: int
+) -> bytes:
+    """The decompressed body, counted while it arrives so that a gzip bomb stops early."""
+    limit = BodyLimit(max_body_bytes)
+    chunks: list[bytes] = []
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
+            limit.add(chunk)
+            chunks.append(chunk)
+    except DecodeError as exc:
+        raise exc.in_context(url=url, status=status, reason=resp.reason) from None
+    return b"".join(chunks)
