@@ -84,6 +84,7 @@ class Response:
     url: str  # the final URL, after redirects
     attempts: int = 1
     elapsed_s: float = 0.0  # the whole send: every attempt, hop and wait
+    data: Any = None  # the decoded body, filled in by the engine
 
     @property
     def content_type(self) -> str | None:

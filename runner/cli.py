@@ -1,0 +1,242 @@
+"""The command line: `runner run`, `runner validate`, `runner schema`; exit codes and logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import EXIT_OK, EXIT_USAGE, RunnerError, UsageError
+from .redact import Redactor
+
+log = logging.getLogger("runner")
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks every known secret in a log record, whatever formatter prints it."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.redactor:
+            record.msg = self.redactor.redact(record.getMessage())
+            record.args = None
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": datetime.fromtimestamp(record.created, UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%S.%fZ"
+                ),
+                "level": record.levelname.lower(),
+                "message": record.getMessage(),
+            },
+            ensure_ascii=False,
+        )
+
+
+def setup_logging(fmt: str, redactor: Redactor, verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("runner: %(levelname)s: %(message)s"))
+    handler.addFilter(_RedactingFilter(redactor))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+# -- --input k=v --------------------------------------------------------------------------
+
+
+def _read_value_file(path: str) -> Any:
+    from .decode import json_loads
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        if path.endswith((".jsonl", ".ndjson")):
+            return [json_loads(line) for line in text.splitlines() if line.strip()]
+        return json_loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def coerce_input(name: str, raw: str, schema: Mapping[str, Any]) -> Any:
+    """`--input k=v`: v coerced to the type the inputs schema gives k."""
+    from .decode import json_loads
+
+    if raw.startswith("@"):
+        return _read_value_file(raw[1:])
+    props = schema.get("properties") if isinstance(schema, Mapping) else None
+    sub = props.get(name) if isinstance(props, Mapping) else None
+    kind = sub.get("type") if isinstance(sub, Mapping) else None
+    kinds = kind if isinstance(kind, list) else [kind]
+    try:
+        if "integer" in kinds:
+            return int(raw)
+        if "number" in kinds:
+            return float(raw) if any(c in raw for c in ".eE") else int(raw)
+        if "boolean" in kinds:
+            if raw.lower() in ("true", "1", "yes"):
+                return True
+            if raw.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(f"{raw!r} is not a boolean (true or false)")
+        if "array" in kinds or "object" in kinds:
+            return json_loads(raw)
+    except ValueError as exc:
+        raise UsageError(
+            f"--input {name}: cannot read {raw!r} as {'/'.join(map(str, kinds))}: {exc}"
+        ) from exc
+    return raw
+
+
+def parse_inputs(
+    pairs: Sequence[str], inputs_file: str | None, schema: Mapping[str, Any]
+) -> dict[str, Any]:
+    from .loader import load_data_file
+
+    values: dict[str, Any] = {}
+    if inputs_file:
+        data = load_data_file(inputs_file)
+        if not isinstance(data, dict):
+            raise UsageError(f"{inputs_file}: inputs must be a mapping of names to values")
+        values.update(data)
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--input expects k=v, got {pair!r}")
+        values[name] = coerce_input(name, raw, schema)
+    return values
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import load_flow, run_flow
+
+    redactor = Redactor()
+    setup_logging(args.log_format, redactor, args.verbose)
+    flow = load_flow(args.flow, args.services)
+    inputs = parse_inputs(args.input or [], args.inputs_file, flow.inputs_schema)
+    if args.output is not None and args.output != "-":
+        raise UsageError("--output takes only '-' (NDJSON on stdout); use --output-dir for files")
+    result = run_flow(
+        flow,
+        inputs,
+        output_dir=args.output_dir,
+        output=args.output,
+        state=args.state,
+        dry_run=args.dry_run,
+        summary=args.summary,
+        timeout=args.timeout,
+        handle_signals=True,
+        redactor=redactor,
+    )
+    return result.exit_code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import format_problems, validate_paths
+
+    problems = validate_paths(args.paths, args.exclude or [], args.services)
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity != "error"]
+    shown = problems
+    if args.format == "text":
+        if shown:
+            sys.stderr.write(format_problems(shown, "text") + "\n")
+    else:
+        sys.stdout.write(format_problems(shown, args.format) + "\n")
+    if errors or (args.strict and warnings):
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .validate import flow_schema
+
+    sys.stdout.write(json.dumps(flow_schema(), indent=2, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runner", description="Run declarative YAML integration flows against REST services."
+    )
+    parser.add_argument("--version", action="version", version="runner 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a flow")
+    run.add_argument("flow", metavar="FLOW")
+    run.add_argument("--input", action="append", metavar="K=V", help="a run input (repeatable)")
+    run.add_argument("--inputs-file", metavar="F", help="inputs as JSON or YAML")
+    run.add_argument("--services", metavar="F", help="service settings that override the flow's")
+    target = run.add_mutually_exclusive_group()
+    target.add_argument("--output-dir", default="out", metavar="D", help="default: out/")
+    target.add_argument("--output", metavar="-", help="'-': NDJSON records on stdout")
+    run.add_argument("--state", metavar="F", help="the state file (cursors, refresh tokens)")
+    run.add_argument("--dry-run", action="store_true", help="render first requests, send none")
+    run.add_argument("--summary", metavar="F", help="write the run summary (JSON) to F")
+    run.add_argument("--timeout", type=float, metavar="S", help="bound the whole run (seconds)")
+    run.add_argument("--log-format", choices=["text", "json"], default="text")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    run.set_defaults(handler=cmd_run)
+
+    validate = sub.add_parser("validate", help="check flows offline (for CI)")
+    validate.add_argument("paths", nargs="+", metavar="PATH")
+    validate.add_argument("--services", metavar="F")
+    validate.add_argument("--exclude", action="append", metavar="GLOB")
+    validate.add_argument("--format", choices=["text", "json", "github"], default="text")
+    validate.add_argument("--strict", action="store_true", help="warnings fail too (exit 2)")
+    validate.set_defaults(handler=cmd_validate)
+
+    schema = sub.add_parser("schema", help="print the flow JSON Schema")
+    schema.set_defaults(handler=cmd_schema)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = args.handler(args)
+    except RunnerError as exc:
+        sys.stderr.write(f"runner: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,489 @@
+"""A whole run: inputs, secrets, state lock, outputs, signals and `--timeout` around the engine;
+the commit on success, and the summary on every exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import secrets as _random
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import jsonschema
+
+from .engine import FlowRun, RunInfo
+from .errors import (
+    EXIT_OK,
+    FlowError,
+    InterruptedRun,
+    RunError,
+    RunnerError,
+    SecurityError,
+    UnavailableError,
+    UsageError,
+)
+from .http import is_loopback
+from .loader import load_document
+from .model import Flow, build_flow
+from .outputs import FileOutputs, Outputs, StateStore, StdoutOutputs, atomic_write
+from .redact import Redactor
+from .secrets import Secrets
+
+log = logging.getLogger("runner")
+
+# Scope names whose values exist before the first request (for --dry-run and early checks).
+STATIC_NAMES = frozenset({"inputs", "env", "secrets", "state", "run"})
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    exit_code: int
+    status: str  # success | failed | interrupted
+    summary: dict[str, Any]
+
+
+def load_flow(path: str | os.PathLike[str], services: str | os.PathLike[str] | None = None) -> Flow:
+    """Load, validate and compile a flow file; FlowError (exit 2) with every problem."""
+    from . import validate
+
+    doc = load_document(path)
+    if services is not None:
+        doc = validate.apply_services_override(doc, str(services))
+    validate_document = validate.validate_document
+    problems = [p for p in validate_document(doc) if p.severity == "error"]
+    if problems:
+        raise FlowError(problems)
+    return build_flow(doc)
+
+
+def new_run_id(started_at: datetime) -> str:
+    return started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + _random.token_hex(3)
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
+    """Fill in JSON Schema `default`s of object properties, recursively (jsonschema does not)."""
+    if not isinstance(value, dict) or not isinstance(schema, Mapping):
+        return value
+    properties = schema.get("properties")
+    if not isinstance(properties, Mapping):
+        return value
+    out = dict(value)
+    for name, sub in properties.items():
+        if not isinstance(sub, Mapping):
+            continue
+        if name not in out and "default" in sub:
+            out[name] = copy.deepcopy(sub["default"])
+        if name in out:
+            out[name] = apply_defaults(sub, out[name])
+    return out
+
+
+def prepare_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    values = apply_defaults(flow.inputs_schema, dict(inputs or {}))
+    validator = jsonschema.Draft202012Validator(flow.inputs_schema)
+    errors = sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            where = ".".join(str(p) for p in error.absolute_path) or "inputs"
+            lines.append(f"input {where}: {error.message}")
+        raise UsageError("invalid inputs:\n  " + "\n  ".join(lines))
+    return values
+
+
+# -- checks before the first request --------------------------------------------------------
+
+
+def check_services_before_run(flow: Flow, run: FlowRun) -> None:
+    """A templated base_url that renders from static names is checked for plain http now."""
+    from urllib.parse import urlsplit
+
+    for service in flow.services.values():
+        template = service.base_url
+        if template is None or (template.is_constant and not template.source):
+            continue
+        if not template.names <= STATIC_NAMES:
+            continue
+        try:
+            url = str(template.render(run.base_scope))
+        except RunError:
+            continue
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme == "http" and not service.allow_insecure_http and not is_loopback(host):
+            raise UsageError(
+                f"service '{service.name}': base_url {run.redactor.redact(url)} is plain http:// "
+                f"to {host}: use https, or set allow_insecure_http: true"
+            )
+        if parts.scheme not in ("http", "https"):
+            raise UsageError(
+                f"service '{service.name}': base_url {run.redactor.redact(url)!r} is not an "
+                "http(s) URL"
+            )
+    for step in flow.all_steps():
+        auth_types = []
+        if step.request and step.request.service:
+            service = flow.services.get(step.request.service)
+            if service and service.auth is not None and step.auth == "inherit":
+                auth_types.append(_auth_type(service.auth.source))
+        if not isinstance(step.auth, str):
+            auth_types.append(_auth_type(step.auth.source))
+        if "oauth2_refresh_token" in auth_types and run.refresh_token_store is None:
+            raise UsageError("oauth2_refresh_token needs --state to keep the rotated refresh token")
+
+
+def _auth_type(source: Any) -> str | None:
+    return source.get("type") if isinstance(source, Mapping) else None
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def run_flow(
+    flow: Flow | str | os.PathLike[str],
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    output_dir: str = "out",
+    output: str | None = None,
+    state: str | None = None,
+    dry_run: bool = False,
+    summary: str | None = None,
+    timeout: float | None = None,
+    services: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    stdout: TextIO | None = None,
+    handle_signals: bool = False,
+    redactor: Redactor | None = None,
+) -> RunResult:
+    """Run a flow as `runner run` does; never raises for a failed run."""
+    started_at = datetime.now(UTC)
+    run_id = new_run_id(started_at)
+    redactor = redactor if redactor is not None else Redactor()
+    environ = dict(os.environ if environ is None else environ)
+    out = stdout or sys.stdout
+    flow_name = str(flow) if not isinstance(flow, Flow) else flow.name
+    clock = time.monotonic()
+    runner_state: dict[str, Any] = {"run": None}
+    try:
+        if not isinstance(flow, Flow):
+            flow = load_flow(flow, services)
+        elif services is not None:
+            raise UsageError("pass services= together with a flow path, not a loaded Flow")
+        flow_name = flow.name
+        if dry_run:
+            show_dry_run(flow, prepare_inputs(flow, inputs), environ, out, state)
+            return RunResult(EXIT_OK, "success", {})
+        result = _run(
+            flow,
+            inputs,
+            output_dir,
+            output,
+            state,
+            timeout,
+            environ,
+            out,
+            redactor,
+            run_id,
+            started_at,
+            runner_state,
+            handle_signals,
+        )
+        error = None
+        exit_code = result
+    except RunnerError as exc:
+        error = exc
+        exit_code = exc.code if isinstance(exc, InterruptedRun) else exc.exit_code
+        message = redactor.redact(str(exc))
+        log.error("%s", message)
+    status = (
+        "success"
+        if exit_code == EXIT_OK
+        else ("interrupted" if isinstance(error, InterruptedRun) else "failed")
+    )
+    run: FlowRun | None = runner_state["run"]
+    summary_data = _summary(
+        run_id,
+        flow_name,
+        status,
+        exit_code,
+        started_at,
+        time.monotonic() - clock,
+        run,
+        error,
+        redactor,
+    )
+    if summary:
+        try:
+            atomic_write(summary, (json.dumps(summary_data, indent=2) + "\n").encode())
+        except OSError as exc:
+            log.error("cannot write the summary to %s: %s", summary, exc)
+    return RunResult(exit_code, status, summary_data)
+
+
+def _run(
+    flow: Flow,
+    inputs: Mapping[str, Any] | None,
+    output_dir: str,
+    output: str | None,
+    state_path: str | None,
+    timeout: float | None,
+    environ: dict[str, str],
+    out: TextIO,
+    redactor: Redactor,
+    run_id: str,
+    started_at: datetime,
+    holder: dict[str, Any],
+    handle_signals: bool,
+) -> int:
+    values = prepare_inputs(flow, inputs)
+    secrets = Secrets(environ, redactor)
+    secrets.resolve(flow.secrets)
+    store = StateStore(state_path) if state_path else None
+    if store is not None:
+        store.acquire()
+    try:
+        saved = store.load() if store is not None else {}
+        saved_streams = saved.get("streams") or {}
+        state_scope = {
+            name: {"cursor": (saved_streams.get(name) or {}).get("cursor")}
+            for name in set(flow.streams) | set(saved_streams)
+        }
+        outputs: Outputs
+        if output == "-":
+            outputs = StdoutOutputs(flow.outputs, out)
+        else:
+            outputs = FileOutputs(output_dir, run_id, flow.outputs, flow.emitted, started_at)
+        run = FlowRun(
+            flow=flow,
+            inputs=values,
+            environ=environ,
+            secrets=secrets,
+            state=state_scope,
+            outputs=outputs,
+            redactor=redactor,
+            info=RunInfo(run_id, started_at, flow.name),
+            refresh_token_store=store,
+        )
+        holder["run"] = run
+        check_services_before_run(flow, run)
+        outputs.open()
+        try:
+            asyncio.run(_drive(run, timeout, handle_signals))
+        except BaseException:
+            outputs.abort()
+            raise
+        manifest = outputs.commit()
+        if manifest is not None:
+            log.info("outputs committed to %s", getattr(outputs, "directory", output_dir))
+        if store is not None:
+            old = {name: v["cursor"] for name, v in state_scope.items()}
+            cursors = outputs.new_cursors(old)
+            for stream in run.cut_short_streams:
+                if stream in cursors:
+                    cursors[stream] = old.get(stream)
+            store.save_streams(cursors)
+        return EXIT_OK
+    finally:
+        if store is not None:
+            store.release()
+
+
+async def _drive(run: FlowRun, timeout: float | None, handle_signals: bool) -> None:
+    """Run the engine, turning SIGINT/SIGTERM and --timeout into the project's errors."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        if not received:
+            received.append(name)
+            log.warning("%s received: stopping, nothing will be committed", name)
+            task.cancel()
+
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        try:
+            if timeout is not None:
+                async with asyncio.timeout(timeout):
+                    await run.run()
+            else:
+                await run.run()
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"the run took longer than --timeout ({timeout:g} s)", kind="timeout"
+            ) from exc
+        except asyncio.CancelledError as exc:
+            if received:
+                raise InterruptedRun(received[0]) from exc
+            raise
+    finally:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(run.close(), 3)
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def show_dry_run(
+    flow: Flow,
+    inputs: dict[str, Any],
+    environ: dict[str, str],
+    out: TextIO,
+    state_path: str | None,
+) -> None:
+    """Print the first request of each step whose templates need only static names; secrets
+    show as *** and need not exist; nothing is sent or written."""
+    from .engine import Context, Sink
+    from .paginate import Pagination as Pager
+
+    saved: dict[str, Any] = {}
+    if state_path and os.path.exists(state_path):
+        saved = StateStore(state_path).load()
+    streams = saved.get("streams") or {}
+    state_scope = {
+        name: {"cursor": (streams.get(name) or {}).get("cursor")}
+        for name in set(flow.streams) | set(streams)
+    }
+    redactor = Redactor()
+    started = datetime.now(UTC)
+    run = FlowRun(
+        flow=flow,
+        inputs=inputs,
+        environ=environ,
+        secrets=Secrets(environ, redactor, masked=True),
+        state=state_scope,
+        outputs=StdoutOutputs({}, out),
+        redactor=redactor,
+        info=RunInfo(new_run_id(started), started, flow.name),
+    )
+    ctx = Context(run.steps_scope, Sink(run))
+    blocks = []
+    for step in flow.all_steps():
+        if step.request is None:
+            continue
+        needs = sorted(_needs(flow, step))
+        lines = [f"step {step.id}:"]
+        if needs:
+            lines.append("  needs " + ", ".join(needs))
+        else:
+            pager = Pager(step.paginate)
+            try:
+                request = asyncio.run(run.build_request(step, run.scope(ctx, pager.scope()), pager))
+            except RunError as exc:
+                raise UsageError(f"step '{step.id}': {exc.message}") from exc
+            query = "&".join(f"{k}={v}" for k, v in request.query)
+            lines.append(f"  {request.method} {request.url}" + (f"?{query}" if query else ""))
+            for name, value in request.headers.items():
+                lines.append(f"  {name}: {value}")
+            auth = _auth_type_of(flow, step)
+            if auth:
+                lines.append(f"  auth: {auth}")
+            if request.body is not None:
+                lines.append("  body: " + request.body.decode("utf-8", "replace")[:2000])
+        blocks.append("\n".join(lines))
+    out.write("\n\n".join(blocks) + "\n")
+    out.flush()
+
+
+def _auth_type_of(flow: Flow, step: Any) -> str | None:
+    if step.auth == "none":
+        return "none"
+    if not isinstance(step.auth, str):
+        return _auth_type(step.auth.source)
+    service = flow.services.get(step.request.service) if step.request.service else None
+    if service is not None and service.auth is not None:
+        return _auth_type(service.auth.source)
+    return None
+
+
+def _needs(flow: Flow, step: Any) -> set[str]:
+    """What a step's first request needs beyond the static names: `steps.X`, `item`, ..."""
+    spec = step.request
+    names: set[str] = set()
+    step_refs: set[str] = set()
+    parts: list[Any] = [
+        spec.path,
+        spec.url,
+        spec.query,
+        spec.headers,
+        spec.body,
+        spec.body_template,
+        spec.content_type,
+    ]
+    service = flow.services.get(spec.service) if spec.service else None
+    if service is not None:
+        parts += [service.base_url, service.headers]
+    for part in parts:
+        if part is not None:
+            names |= set(part.names)
+            step_refs |= set(part.step_refs)
+    needs = {f"steps.{ref}" for ref in step_refs}
+    for name in names - STATIC_NAMES - {"steps", "page"}:
+        needs.add(name)
+    return needs
+
+
+def _summary(
+    run_id: str,
+    flow_name: str,
+    status: str,
+    exit_code: int,
+    started_at: datetime,
+    duration: float,
+    run: FlowRun | None,
+    error: RunnerError | None,
+    redactor: Redactor,
+) -> dict[str, Any]:
+    error_data: dict[str, Any] | None = None
+    if error is not None:
+        if isinstance(error, RunError):
+            error_data = error.as_dict()
+        else:
+            error_data = {
+                "kind": error.kind,
+                "step": None,
+                "item_index": None,
+                "method": None,
+                "url": None,
+                "status": None,
+                "message": error.message,
+            }
+    data: dict[str, Any] = {
+        "run_id": run_id,
+        "flow": flow_name,
+        "status": status,
+        "exit_code": exit_code,
+        "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "duration_s": round(duration, 3),
+        "requests": run.stats.requests if run else 0,
+        "retries": run.stats.retries if run else 0,
+        "status_counts": dict(run.stats.status_counts) if run else {},
+        "records": dict(run.outputs.counts) if run else {},
+        "skipped": {k: v.skipped for k, v in run.reports.items() if v.skipped} if run else {},
+        "warnings": list(run.warnings) if run else [],
+        "error": error_data,
+    }
+    redacted: dict[str, Any] = redactor.redact_data(data)
+    return redacted
+
+
+__all__ = ["RunResult", "load_flow", "run_flow"]
+
+# Referenced for the type checker: the security error is raised by the engine and passes here.
+_ = (SecurityError, Path)
