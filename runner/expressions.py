@@ -1,0 +1,426 @@
+"""JMESPath with the project's extra functions: compiled once, plain field paths run without
+the interpreter, every failure turned into ExpressionError (compile) or RenderError (run)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import jmespath
+from jmespath import exceptions as jexc
+from jmespath import functions as jfunc
+from jmespath import visitor as jvisitor
+
+from runner.errors import ExpressionError, RenderError
+
+__all__ = [
+    "Expression",
+    "compile_expression",
+    "format_datetime",
+    "parse_datetime",
+    "to_epoch",
+    "truthy",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
+# --- datetimes, shared with templates.py and outputs.py ------------------------------------
+
+
+def parse_datetime(value: str) -> datetime:
+    """An ISO 8601 datetime as an aware datetime; no zone means UTC.
+
+    Accepts `Z` or an offset, fractional seconds of any length (cut to microseconds), and a
+    bare date (midnight UTC). Raises ValueError on anything else.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"not a datetime string: {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        # RFC 3339 allows lower-case `t` and `z`; fromisoformat does not.
+        try:
+            parsed = datetime.fromisoformat(value.upper())
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 datetime: {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _as_datetime(value: Any) -> datetime:
+    if isinstance(value, bool):
+        raise ValueError(f"not a datetime or epoch number: {value!r}")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"not an epoch number: {value!r}")
+        return datetime.fromtimestamp(value, UTC)
+    return parse_datetime(value)
+
+
+def to_epoch(value: Any) -> int:
+    """Integer seconds since 1970-01-01T00:00:00Z (floored) of an ISO 8601 string or a number.
+
+    `to_epoch("2024-05-01T12:00:00Z")` -> 1714564800; `to_epoch(1714564800.9)` -> 1714564800.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a datetime or epoch number: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"not an epoch number: {value!r}")
+        return math.floor(value)
+    # Exact integer arithmetic: float timestamps lose the floor for far dates.
+    return (parse_datetime(value) - _EPOCH) // _SECOND
+
+
+def format_datetime(value: Any, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
+    """An ISO 8601 string or epoch number formatted with strftime, in UTC."""
+    return _as_datetime(value).astimezone(UTC).strftime(fmt)
+
+
+# --- truthiness ----------------------------------------------------------------------------
+
+
+def truthy(value: Any) -> bool:
+    """JMESPath truthiness: false, null, "", [] and {} are false; 0 is true."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, str | list | dict):
+        return len(value) > 0
+    return True
+
+
+# --- extra functions -----------------------------------------------------------------------
+
+
+def _unique_key(value: Any) -> Any:
+    # JMESPath equality: 1 == 1.0, but true != 1, and objects compare by content.
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, int | float):
+        return ("n", value)
+    if isinstance(value, str):
+        return ("s", value)
+    if value is None:
+        return ("z",)
+    return ("j", json.dumps(value, sort_keys=True, separators=(",", ":")))
+
+
+class _Functions(jfunc.Functions):
+    """unique, lower, upper, split, replace, to_epoch, items, from_items."""
+
+    @jfunc.signature({"types": ["array"]})
+    def _func_unique(self, values: list[Any]) -> list[Any]:
+        seen: set[Any] = set()
+        out = []
+        for value in values:
+            key = _unique_key(value)
+            if key not in seen:
+                seen.add(key)
+                out.append(value)
+        return out
+
+    @jfunc.signature({"types": ["string"]})
+    def _func_lower(self, value: str) -> str:
+        return value.lower()
+
+    @jfunc.signature({"types": ["string"]})
+    def _func_upper(self, value: str) -> str:
+        return value.upper()
+
+    @jfunc.signature({"types": ["string"]}, {"types": ["string"]})
+    def _func_split(self, value: str, sep: str) -> list[str]:
+        return value.split(sep) if sep else list(value)
+
+    @jfunc.signature({"types": ["string"]}, {"types": ["string"]}, {"types": ["string"]})
+    def _func_replace(self, value: str, old: str, new: str) -> str:
+        return value.replace(old, new)
+
+    @jfunc.signature({"types": ["string", "number"]})
+    def _func_to_epoch(self, value: str | float) -> int:
+        return to_epoch(value)
+
+    @jfunc.signature({"types": ["object"]})
+    def _func_items(self, value: dict[str, Any]) -> list[list[Any]]:
+        return [[k, v] for k, v in value.items()]
+
+    @jfunc.signature({"types": ["array"]})
+    def _func_from_items(self, pairs: list[Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for pair in pairs:
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise ValueError(
+                    f"from_items() expects [key, value] pairs with string keys, got {pair!r}"
+                )
+            out[pair[0]] = pair[1]
+        return out
+
+
+_FUNCTIONS = _Functions()
+_OPTIONS = jmespath.Options(custom_functions=_FUNCTIONS)
+# The interpreter keeps no per-search state, so one serves every expression.
+_INTERPRETER = jvisitor.TreeInterpreter(_OPTIONS)
+
+
+# --- compiled expressions ------------------------------------------------------------------
+
+
+class Expression:
+    """A compiled JMESPath expression. `search` raises RenderError, never a jmespath error."""
+
+    __slots__ = ("_fn", "is_plain_path", "root_names", "source", "step_refs")
+
+    source: str
+    step_refs: frozenset[str]
+    root_names: frozenset[str]
+    is_plain_path: bool
+
+    def __init__(
+        self,
+        source: str,
+        fn: Callable[[Any], Any],
+        *,
+        step_refs: frozenset[str],
+        root_names: frozenset[str],
+        is_plain_path: bool,
+    ) -> None:
+        self.source = source
+        self._fn = fn
+        self.step_refs = step_refs
+        self.root_names = root_names
+        self.is_plain_path = is_plain_path
+
+    def search(self, data: Any) -> Any:
+        try:
+            return self._fn(data)
+        except Exception as exc:
+            raise RenderError(f"JMESPath error in {self.source!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"Expression({self.source!r})"
+
+
+def compile_expression(source: str) -> Expression:
+    """Parse `source` once (cached); ExpressionError with a caret line under the error on bad
+    syntax, an unknown function or a wrong number of arguments."""
+    if not isinstance(source, str):
+        raise ExpressionError(f"JMESPath: expected a string expression, got {source!r}")
+    return _compile_expression(source)
+
+
+# A typed front for the cache: lru_cache's wrapper would hide the signature from mypy.
+@functools.lru_cache(maxsize=8192)
+def _compile_expression(source: str) -> Expression:
+    try:
+        tree = jmespath.compile(source).parsed
+    except jexc.JMESPathError as exc:
+        raise ExpressionError(_syntax_message(source, exc)) from exc
+    parsed = cast("dict[str, Any]", tree)
+    _check_functions(source, parsed)
+
+    path = _plain_path(parsed)
+    fn: Callable[[Any], Any] = (
+        functools.partial(_INTERPRETER.visit, tree) if path is None else _make_getter(path)
+    )
+    return Expression(
+        source,
+        fn,
+        step_refs=frozenset(_step_refs(parsed)),
+        root_names=frozenset(_root_names(parsed)),
+        is_plain_path=path is not None,
+    )
+
+
+def _syntax_message(source: str, exc: jexc.JMESPathError) -> str:
+    if isinstance(exc, jexc.EmptyExpressionError):
+        return "JMESPath: empty expression"
+    position: int | None = None
+    if isinstance(exc, jexc.LexerError):
+        what = exc.message.rstrip(".")
+        what = what[:1].lower() + what[1:]
+        position = exc.lexer_position
+    elif isinstance(exc, jexc.IncompleteExpressionError):
+        what = "unexpected end of expression"
+        position = exc.lex_position
+    elif isinstance(exc, jexc.ParseError):
+        position = exc.lex_position
+        if exc.token_type == "EOF":
+            what = "unexpected end of expression"
+        elif exc.msg.startswith("Unexpected token"):
+            what = f"unexpected token {exc.token_value!r}"
+        else:
+            what = exc.msg[:1].lower() + exc.msg[1:]
+    else:
+        what = str(exc)
+    # Newlines (YAML block scalars) would break the caret's alignment.
+    shown = source.replace("\n", " ").replace("\r", " ")
+    head = f"JMESPath: {what}: "
+    if position is None:
+        return head + shown
+    # The caret is aligned for the message printed alone; whoever prefixes the first line
+    # (file:line:col: path: ) indents the following lines by the prefix's width.
+    return f"{head}{shown}\n{' ' * (len(head) + position)}^"
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for child in node.get("children", ()):
+            yield from _walk(child)
+
+
+def _check_functions(source: str, parsed: dict[str, Any]) -> None:
+    """Unknown functions and wrong argument counts are flow errors, found before any run."""
+    table = _FUNCTIONS.FUNCTION_TABLE
+    for node in _walk(parsed):
+        if node["type"] != "function_expression":
+            continue
+        name = node["value"]
+        spec = table.get(name)
+        if spec is None:
+            known = ", ".join(sorted(table))
+            raise ExpressionError(
+                f"JMESPath: unknown function {name}() in {source!r}; known functions: {known}"
+            )
+        signature = spec["signature"]
+        given = len(node["children"])
+        if signature and signature[-1].get("variadic"):
+            if given < len(signature):
+                raise ExpressionError(
+                    f"JMESPath: {name}() takes at least {len(signature)} arguments, "
+                    f"got {given}: {source}"
+                )
+        elif given != len(signature):
+            plural = "" if len(signature) == 1 else "s"
+            raise ExpressionError(
+                f"JMESPath: {name}() takes {len(signature)} argument{plural}, got {given}: {source}"
+            )
+
+
+def _step_refs(parsed: dict[str, Any]) -> set[str]:
+    # Anywhere in the tree, even where `steps` would be read on an element: keeping a step's
+    # records when not needed costs memory, missing one would be wrong.
+    refs = set()
+    for node in _walk(parsed):
+        if node["type"] == "subexpression":
+            first, second = node["children"][0], node["children"][1]
+            if first["type"] == "field" and first["value"] == "steps" and second["type"] == "field":
+                refs.add(second["value"])
+    return refs
+
+
+# Node types whose first child is evaluated against the context and the rest against its result.
+_LEFT_ONLY = frozenset(
+    {
+        "subexpression",
+        "index_expression",
+        "projection",
+        "value_projection",
+        "filter_projection",
+        "flatten",
+        "pipe",
+    }
+)
+# Node types whose children are all evaluated against the context.
+_ALL_CHILDREN = frozenset(
+    {
+        "comparator",
+        "and_expression",
+        "or_expression",
+        "not_expression",
+        "multi_select_list",
+        "multi_select_dict",
+        "key_val_pair",
+        "function_expression",
+    }
+)
+
+
+def _root_names(node: dict[str, Any]) -> set[str]:
+    """First field names read against the root; not those read on elements of a projection."""
+    kind = node["type"]
+    if kind == "field":
+        return {node["value"]}
+    children = node.get("children", [])
+    if kind in _LEFT_ONLY and children:
+        return _root_names(children[0])
+    if kind in _ALL_CHILDREN:
+        names: set[str] = set()
+        for child in children:
+            names |= _root_names(child)
+        return names
+    # literal, current, expref (evaluated on elements), index, slice, ...
+    return set()
+
+
+def _plain_path(node: dict[str, Any]) -> tuple[str | int, ...] | None:
+    """`a.b[0]."x-y"` as ("a", "b", 0, "x-y"); None for anything that is not a plain path."""
+    kind = node["type"]
+    if kind == "field":
+        return (node["value"],)
+    if kind in ("current", "identity"):
+        return ()
+    if kind == "index":
+        return (node["value"],)
+    if kind in ("subexpression", "index_expression"):
+        # Both apply their children in turn to the previous result.
+        parts: tuple[str | int, ...] = ()
+        for child in node["children"]:
+            sub = _plain_path(child)
+            if sub is None:
+                return None
+            parts += sub
+        return parts
+    return None
+
+
+def _make_getter(path: tuple[str | int, ...]) -> Callable[[Any], Any]:
+    """A getter with JMESPath's semantics: a missing key, a wrong type or an index out of
+    range gives None. Fields use `.get` like jmespath's own visitor does."""
+    if len(path) == 1 and isinstance(path[0], str):
+        key = path[0]
+
+        def get1(data: Any) -> Any:
+            try:
+                return data.get(key)
+            except AttributeError:
+                return None
+
+        return get1
+
+    if len(path) == 2 and isinstance(path[0], str) and isinstance(path[1], str):
+        key1, key2 = path
+
+        def get2(data: Any) -> Any:
+            try:
+                return data.get(key1).get(key2)
+            except AttributeError:
+                return None
+
+        return get2
+
+    def get(data: Any) -> Any:
+        for key in path:
+            if type(key) is int:
+                if not isinstance(data, list):
+                    return None
+                try:
+                    data = data[key]
+                except IndexError:
+                    return None
+            else:
+                try:
+                    data = data.get(key)
+                except AttributeError:
+                    return None
+        return data
+
+    return get

@@ -1,0 +1,165 @@
+"""Shared fixtures: real HTTP servers in background threads, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class ServerThread:
+    """An aiohttp app served on 127.0.0.1 from a thread with its own event loop.
+
+    Every request is recorded (method, path, query, headers, body, time) before the app
+    sees it, so tests can assert on what the runner actually sent.
+    """
+
+    app: web.Application
+    requests: list[RecordedRequest] = field(default_factory=list)
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        ready = threading.Event()
+
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            body = await request.read()
+            query: dict[str, list[str]] = {}
+            for key, value in request.query.items():
+                query.setdefault(key, []).append(value)
+            self.requests.append(
+                RecordedRequest(
+                    request.method, request.path, query, dict(request.headers), body,
+                    time.monotonic(),
+                )
+            )
+            return await handler(request)
+
+        self.app.middlewares.insert(0, record)
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            runner = web.AppRunner(self.app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            port = runner.addresses[0][1]
+            self.url = f"http://127.0.0.1:{port}"
+            self._runner = runner
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self.url
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def paths(self) -> list[str]:
+        return [r.path for r in self.requests]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[web.Application], ServerThread]]:
+    """`server = serve(app)` starts `app`; `server.url` is its base URL."""
+    started: list[ServerThread] = []
+
+    def start(app: web.Application) -> ServerThread:
+        server = ServerThread(app)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> CliResult:
+    """Run the real `runner` CLI in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Callable[..., CliResult]:
+    """`cli("run", "flow.yaml", env={...})`: the CLI with tmp_path as working folder."""
+
+    def call(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> CliResult:
+        return run_cli(*args, cwd=tmp_path, env=env, timeout=timeout)
+
+    return call
+
+
+@pytest.fixture
+def write_flow(tmp_path: Path) -> Callable[..., Path]:
+    """`write_flow(text, name="flow.yaml")` writes a flow file into tmp_path."""
+
+    def write(text: str, name: str = "flow.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    import json
+
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
