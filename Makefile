@@ -1,0 +1,37 @@
+# Set-up on a fresh machine: `make demo` runs the example flows on the bundled demo API,
+# `make test` runs the checks and the tests. Both create the virtual environment first.
+VENV   := .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck validate bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,fast]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check runner tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy runner
+
+validate: $(STAMP)
+	$(BIN)/runner validate flows
+
+test: lint typecheck validate
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	bash benchmarks/run.sh
+
+clean:
+	rm -rf $(VENV) out build *.egg-info .pytest_cache .mypy_cache .ruff_cache
