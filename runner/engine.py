@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -112,7 +112,7 @@ class Sink:
 
     def flush(self) -> None:
         assert self.parent is not None
-        replay = {
+        replay: dict[str, Callable[[str, Any], None]] = {
             "emit": self.parent.emit,
             "records": self.parent.step_records,
             "response": self.parent.step_response,
@@ -437,7 +437,8 @@ class FlowRun:
 
     def _follow(self, step: StepSpec, previous: PreparedRequest, url: str) -> PreparedRequest:
         """The request for a next URL: same method, body, headers and auth; the URL as given."""
-        service = self.flow.services.get(step.request.service) if step.request else None
+        name = step.request.service if step.request else None
+        service = self.flow.services.get(name) if name else None
         allowed = service is not None and service.allow_cross_host
         if origin(url) != origin(previous.url) and not allowed:
             raise SecurityError(

@@ -3,10 +3,10 @@
     RunnerError                      exit 1   base: the CLI catches this and nothing else
     ├── FlowError                    exit 2   invalid flow: one or more located Problems
     ├── UsageError                   exit 2   bad command line, inputs or secrets
-    ├── ExpressionError              exit 2   a template or JMESPath expression that does not compile
+    ├── ExpressionError              exit 2   a template or JMESPath expression that won't compile
     ├── LockedError                  exit 75  another run holds the state file
     ├── InterruptedRun               exit 130 / 143 (SIGINT / SIGTERM)
-    └── RunError                     exit 1   a run failed; names step, item, method, URL, status, body
+    └── RunError                     exit 1   a failed run: step, item, method, URL, status, body
         ├── RenderError                       a template or expression failed while running
         ├── DecodeError                       a body that does not decode as its format
         ├── SecurityError                     a request refused for safety (cross-origin, http://)
@@ -59,11 +59,15 @@ class Problem:
     severity: str = field(default="error", compare=False)  # "error" | "warning"
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}"
-        prefix = "warning: " if self.severity == "warning" else ""
+        where = f"{self.file}:{self.line}:{self.column}: "
         if self.path:
-            return f"{where}: {self.path}: {prefix}{self.message}"
-        return f"{where}: {prefix}{self.message}"
+            where += f"{self.path}: "
+        if self.severity == "warning":
+            where += "warning: "
+        # Continuation lines (a JMESPath caret) are indented to stay under the expression.
+        first, *rest = self.message.split("\n")
+        indent = "\n" + " " * len(where)
+        return where + first + "".join(indent + line for line in rest)
 
     def as_dict(self) -> dict[str, Any]:
         return {

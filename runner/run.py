@@ -101,6 +101,8 @@ def prepare_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, An
             where = ".".join(str(p) for p in error.absolute_path) or "inputs"
             lines.append(f"input {where}: {error.message}")
         raise UsageError("invalid inputs:\n  " + "\n  ".join(lines))
+    if not isinstance(values, dict):
+        raise UsageError("inputs must be a mapping of names to values")
     return values
 
 
@@ -136,9 +138,9 @@ def check_services_before_run(flow: Flow, run: FlowRun) -> None:
     for step in flow.all_steps():
         auth_types = []
         if step.request and step.request.service:
-            service = flow.services.get(step.request.service)
-            if service and service.auth is not None and step.auth == "inherit":
-                auth_types.append(_auth_type(service.auth.source))
+            used = flow.services.get(step.request.service)
+            if used and used.auth is not None and step.auth == "inherit":
+                auth_types.append(_auth_type(used.auth.source))
         if not isinstance(step.auth, str):
             auth_types.append(_auth_type(step.auth.source))
         if "oauth2_refresh_token" in auth_types and run.refresh_token_store is None:
@@ -479,7 +481,8 @@ def _summary(
         "warnings": list(run.warnings) if run else [],
         "error": error_data,
     }
-    redacted: dict[str, Any] = redactor.redact_data(data)
+    redacted = redactor.redact_data(data)
+    assert isinstance(redacted, dict)
     return redacted
 
 

@@ -299,13 +299,352 @@ def schema_problems(doc: Document) -> list[Problem]:
 
 
 # ============================================================================ SEMANTIC CHECKS
+
+# Names a template or a root-level JMESPath expression may read (DESIGN, "The scope").
+_SCOPE_NAMES: Final = (
+    "inputs",
+    "env",
+    "secrets",
+    "state",
+    "steps",
+    "auth",
+    "run",
+    "item",
+    "item_index",
+    "page",
+    "status",
+    "reason",
+    "headers",
+    "body",
+    "url",
+)
+_ITEM_NAMES: Final = frozenset({"item", "item_index"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Expr:
+    """One expression of a flow, where it stands and how it is evaluated."""
+
+    path: Path
+    source: str
+    language: str  # "jinja" | "jmespath"
+    on_record: bool = False  # evaluated against each record (filter, fields): no root names
+    with_record: bool = False  # a fields template: `record` is in the scope too
+
+
+def _jinja_leaves(path: Path, value: Any) -> Iterator[_Expr]:
+    if isinstance(value, str):
+        if "{{" in value or "{%" in value or "{#" in value:
+            yield _Expr(path, value, "jinja")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _jinja_leaves((*path, key), item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _jinja_leaves((*path, i), item)
+
+
+def _jmes(path: Path, value: Any, on_record: bool = False) -> Iterator[_Expr]:
+    if isinstance(value, str):
+        yield _Expr(path, value, "jmespath", on_record=on_record)
+
+
+def _fields(path: Path, value: Any, on_record: bool) -> Iterator[_Expr]:
+    for name, source in (value or {}).items():
+        if not isinstance(source, str):
+            continue
+        if "{{" in source or "{%" in source:
+            yield _Expr((*path, name), source, "jinja", with_record=on_record)
+        else:
+            yield _Expr((*path, name), source, "jmespath", on_record=on_record)
+
+
+def _sets(path: Path, value: Any) -> Iterator[_Expr]:
+    for name, spec in (value or {}).items():
+        if isinstance(spec, dict):
+            yield from _jmes((*path, name, "value"), spec.get("value"))
+        else:
+            yield from _jmes((*path, name), spec)
+
+
+def _step_expressions(path: Path, step: dict[str, Any]) -> Iterator[_Expr]:
+    """Every expression of one step (not of its block's steps), with its language."""
+    yield from _jmes((*path, "when"), step.get("when"))
+    yield from _jmes((*path, "for_each"), step.get("for_each"))
+    if isinstance(step.get("request"), dict):
+        yield from _jinja_leaves((*path, "request"), step["request"])
+    if isinstance(step.get("auth"), dict):
+        yield from _jinja_leaves((*path, "auth"), step["auth"])
+    for key in ("cursor", "next_url", "total_pages", "total", "stop_when"):
+        yield from _jmes((*path, "paginate", key), (step.get("paginate") or {}).get(key))
+    poll = step.get("poll") or {}
+    yield from _jmes((*path, "poll", "until"), poll.get("until"))
+    yield from _jmes((*path, "poll", "fail_when"), poll.get("fail_when"))
+    yield from _jinja_leaves((*path, "poll", "message"), poll.get("message"))
+    for i, rule in enumerate(step.get("on_status") or []):
+        rpath = (*path, "on_status", i)
+        yield from _jmes((*rpath, "when"), rule.get("when"))
+        yield from _jmes((*rpath, "delay"), rule.get("delay"))
+        yield from _jinja_leaves((*rpath, "message"), rule.get("message"))
+        yield from _sets((*rpath, "set"), rule.get("set"))
+        yield from _fields((*rpath, "fields"), rule.get("fields"), on_record=False)
+    for i, expect in enumerate(step.get("expect") or []):
+        yield from _jmes((*path, "expect", i, "that"), expect.get("that"))
+        yield from _jinja_leaves((*path, "expect", i, "message"), expect.get("message"))
+    yield from _jmes((*path, "records"), step.get("records"))
+    yield from _jmes((*path, "filter"), step.get("filter"), on_record=True)
+    yield from _fields((*path, "fields"), step.get("fields"), on_record=True)
+    yield from _sets((*path, "set"), step.get("set"))
+
+
+@dataclasses.dataclass(slots=True)
+class _StepInfo:
+    id: str
+    path: Path
+    order: int  # position in the flattened order of the flow
+    siblings: tuple[str, ...]  # ids of the sequence it is in (goto targets)
+    in_item: bool  # inside a for_each (the step itself or an enclosing block)
+    plain_for_each: bool  # a for_each step without a block
+
+
+def _walk_steps(
+    steps: list[Any], path: Path, in_item: bool, out: list[tuple[_StepInfo, dict[str, Any]]]
+) -> None:
+    siblings = tuple(s.get("id", "") for s in steps if isinstance(s, dict))
+    for i, step in enumerate(steps):
+        spath = (*path, i)
+        is_for_each = "for_each" in step
+        info = _StepInfo(
+            id=step.get("id", ""),
+            path=spath,
+            order=len(out),
+            siblings=siblings,
+            in_item=in_item or is_for_each,
+            plain_for_each=is_for_each and "steps" not in step,
+        )
+        out.append((info, step))
+        if isinstance(step.get("steps"), list):
+            _walk_steps(step["steps"], (*spath, "steps"), True, out)
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _literal_insecure(url: Any) -> str | None:
+    """The host of a literal http:// URL to a host that is not loopback, else None."""
+    from urllib.parse import urlsplit
+
+    from runner.http import is_loopback
+
+    if not isinstance(url, str) or "{{" in url or "{%" in url:
+        return None
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        return None
+    return None if is_loopback(parts.hostname) else parts.hostname
+
+
+def _compile_problem(doc: Document, expr: _Expr) -> tuple[Problem | None, Any]:
+    from runner.errors import ExpressionError
+    from runner.expressions import compile_expression
+    from runner.templates import compile_template
+
+    try:
+        if expr.language == "jinja":
+            return None, compile_template(expr.source)
+        return None, compile_expression(expr.source)
+    except ExpressionError as exc:
+        line, column = doc.value_mark(expr.path)
+        return Problem(doc.file, line, column, _fmt(expr.path), exc.message), None
+
+
+def _fmt(path: Path) -> str:
+    from runner.errors import format_path
+
+    return format_path(path)
+
+
 def semantic_problems(doc: Document) -> list[Problem]:
-    """Checks beyond the schema (step references, goto targets, expressions...).
+    """Checks beyond the schema: every template and JMESPath expression compiles and reads
+    only names of the scope; services, goto targets and `steps.<id>` references resolve;
+    step ids are unique; literal http:// URLs; outputs no step emits.
 
     Called only for a document that the schema found no error in, so `doc.data` has the
     shape the schema describes.
     """
-    return []
+    data: dict[str, Any] = doc.data
+    problems: list[Problem] = []
+    services: dict[str, Any] = data.get("services") or {}
+    steps: list[tuple[_StepInfo, dict[str, Any]]] = []
+    _walk_steps(data.get("steps") or [], ("steps",), False, steps)
+    order: dict[str, int] = {}
+    for info, _ in steps:
+        if info.id in order:
+            first = steps[order[info.id]][0]
+            line = doc.locate((*first.path, "id"))[0]
+            problems.append(
+                doc.problem(
+                    (*info.path, "id"), f"duplicate step id '{info.id}' (first at line {line})"
+                )
+            )
+        else:
+            order[info.id] = info.order
+    emitted: set[str] = set()
+
+    for name, service in services.items():
+        spath: Path = ("services", name)
+        host = _literal_insecure((service or {}).get("base_url"))
+        if host and not (service or {}).get("allow_insecure_http"):
+            problems.append(
+                doc.problem(
+                    (*spath, "base_url"),
+                    f"plain http:// to {host} is refused: use https, or set "
+                    "allow_insecure_http: true on the service",
+                )
+            )
+        for expr in _jinja_leaves(spath, {k: v for k, v in (service or {}).items()}):
+            problems.extend(_check_expr(doc, expr, None, order, steps_in_item=False))
+
+    for info, step in steps:
+        if step.get("emit"):
+            emitted.add(step["emit"])
+        for rule in step.get("on_status") or []:
+            if rule.get("emit"):
+                emitted.add(rule["emit"])
+        request = step.get("request")
+        if isinstance(request, dict):
+            service_name = request.get("service")
+            if service_name is not None and service_name not in services:
+                problems.append(
+                    doc.problem(
+                        (*info.path, "request", "service"),
+                        f"unknown service '{service_name}'"
+                        + _did_you_mean(service_name, list(services)),
+                    )
+                )
+            service = (services.get(service_name) if service_name else None) or {}
+            host = _literal_insecure(request.get("url"))
+            if host and not service.get("allow_insecure_http"):
+                problems.append(
+                    doc.problem(
+                        (*info.path, "request", "url"),
+                        f"plain http:// to {host} is refused: use https, or set "
+                        "allow_insecure_http: true on the service",
+                    )
+                )
+        for i, rule in enumerate(step.get("on_status") or []):
+            target = rule.get("goto")
+            if rule.get("action") != "goto" or target is None:
+                continue
+            where = (*info.path, "on_status", i, "goto")
+            if info.plain_for_each:
+                problems.append(
+                    doc.problem(
+                        where,
+                        "goto is not allowed in a for_each step; use a block (for_each + steps)",
+                    )
+                )
+            elif target not in info.siblings:
+                known = [s for s in info.siblings if s]
+                scope = "this block" if len(info.path) > 2 else "the flow's steps"
+                problems.append(
+                    doc.problem(
+                        where,
+                        f"goto target '{target}' is not a step of {scope}"
+                        + _did_you_mean(target, known),
+                    )
+                )
+        for expr in _step_expressions(info.path, step):
+            problems.extend(_check_expr(doc, expr, info, order, steps_in_item=info.in_item))
+
+    for name in data.get("outputs") or {}:
+        if name not in emitted:
+            problems.append(
+                doc.problem(
+                    ("outputs", name),
+                    f"no step emits the stream '{name}'" + _did_you_mean(name, sorted(emitted)),
+                    severity="warning",
+                )
+            )
+    if not any(p.severity == "error" for p in problems):
+        # What only the model finds (a body_file that cannot be read or compiled).
+        from runner.model import build_flow
+
+        try:
+            build_flow(doc)
+        except FlowError as exc:
+            problems.extend(exc.problems)
+    return problems
+
+
+def _check_expr(
+    doc: Document,
+    expr: _Expr,
+    info: _StepInfo | None,
+    order: dict[str, int],
+    *,
+    steps_in_item: bool,
+) -> list[Problem]:
+    problem, compiled = _compile_problem(doc, expr)
+    if problem is not None:
+        return [problem]
+    out: list[Problem] = []
+    if expr.language == "jinja":
+        names = set(compiled.names)
+    elif expr.on_record:
+        names = set()
+    else:
+        names = set(compiled.root_names)
+    allowed = set(_SCOPE_NAMES) | ({"record"} if expr.with_record else set())
+    for name in sorted(names - allowed):
+        kind = "template" if expr.language == "jinja" else "expression"
+        out.append(
+            _at_value(
+                doc,
+                expr.path,
+                f"unknown name '{name}' in {kind}"
+                + (
+                    _did_you_mean(name, sorted(allowed))
+                    or f"; the scope has {', '.join(sorted(allowed))}"
+                ),
+            )
+        )
+    if names & _ITEM_NAMES and not steps_in_item:
+        out.append(
+            _at_value(
+                doc,
+                expr.path,
+                "'item' is used outside a for_each: it is undefined here",
+                severity="warning",
+            )
+        )
+    for ref in sorted(compiled.step_refs):
+        if ref not in order:
+            out.append(
+                _at_value(
+                    doc,
+                    expr.path,
+                    f"steps.{ref}: no step has the id '{ref}'" + _did_you_mean(ref, list(order)),
+                )
+            )
+        elif info is not None and order[ref] >= info.order:
+            which = "itself" if ref == info.id else "a later step"
+            out.append(
+                _at_value(
+                    doc,
+                    expr.path,
+                    f"steps.{ref} refers to {which}: it has no value when step '{info.id}' runs",
+                )
+            )
+    return out
+
+
+def _at_value(doc: Document, path: Path, message: str, severity: str = "error") -> Problem:
+    """A problem inside an expression, located at the expression's text."""
+    line, column = doc.value_mark(path)
+    return Problem(doc.file, line, column, _fmt(path), message, severity)
 
 
 # ============================================================================ END SEMANTIC

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 from pathlib import Path
 from typing import Any
 
@@ -98,23 +99,25 @@ version: 1
 services:
   billing: {base_url: "https://billing.example.com"}
 steps:
-  - id: update
-    request: {service: billing, path: /x}
-  - id: fetch
+  - id: each
     for_each: "[`1`, `2`]"
-    request: {service: billing, path: "/invoices/{{ item }}"}
-    on_status:
-      - status: 404                 # 404, "4xx", [401, 403], "500-599", error
-        when: body.code == 'gone'   # optional JMESPath
-        action: skip                # ok | skip | stop | retry | fail | goto | end
-        message: "{{ url }} is gone"
-      - {status: 409, action: goto, goto: update, set: {id: body.existing_id}}
-      - {status: 422, action: skip, emit: rejected, fields: {ref: "{{ item.ref }}", error: "body.errors[0]"}}
-      - {status: "5xx", action: fail, kind: unavailable, message: "billing is down, try later"}
-      - {status: 200, when: "headers.\\"x-ratelimit-remaining\\" == '0'", action: retry, delay: 60}
-      - {status: [401, 403], action: fail}
-      - {status: "500-599", action: retry, delay: "headers.\\"retry-after\\""}
-      - {status: error, action: fail}
+    steps:
+      - id: update
+        request: {service: billing, path: /x}
+      - id: fetch
+        request: {service: billing, path: "/invoices/{{ item }}"}
+        on_status:
+          - status: 404                 # 404, "4xx", [401, 403], "500-599", error
+            when: body.code == 'gone'   # optional JMESPath
+            action: skip                # ok | skip | stop | retry | fail | goto | end
+            message: "{{ url }} is gone"
+          - {status: 409, action: goto, goto: update, set: {id: body.existing_id}}
+          - {status: 422, action: skip, emit: rejected, fields: {ref: "{{ item.ref }}", error: "body.errors[0]"}}
+          - {status: "5xx", action: fail, kind: unavailable, message: "billing is down, try later"}
+          - {status: 200, when: "headers.\\"x-ratelimit-remaining\\" == '0'", action: retry, delay: 60}
+          - {status: [401, 403], action: fail}
+          - {status: "500-599", action: retry, delay: "headers.\\"retry-after\\""}
+          - {status: error, action: fail}
 """  # noqa: E501
 
 
@@ -337,8 +340,22 @@ allow_cross_host: true
                  "{service: api, path: /a, method: POST, body_file: body.xml}",
                  "{service: api, path: /a, method: POST, form: {a: 1, b: [x, y]}}"],
 )  # fmt: skip
-def test_request_shapes_validate(request_: str) -> None:
+def test_request_shapes_validate(
+    request_: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # body_file is read relative to the flow file: give it one.
+    (tmp_path / "body.xml").write_text("<a>{{ inputs }}</a>")
+    monkeypatch.chdir(tmp_path)
     assert problems_of(flow_with_step(f"request: {request_}")) == []
+
+
+def test_missing_body_file_is_located(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    step = "request: {service: api, path: /a, method: POST, body_file: missing.xml}"
+    [problem] = problems_of(flow_with_step(step))
+    assert "steps[0].request.body_file: cannot read body_file 'missing.xml'" in problem
 
 
 def test_nested_blocks_validate() -> None:

@@ -47,7 +47,7 @@ def test_invalid_flow(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = (CASES / f"{name}.expected").read_text("utf-8").splitlines()
     problems = validate_paths([f"{name}.yaml"])
     assert format_problems(problems, "text").splitlines() == expected
-    assert all(p.severity == "error" for p in problems)
+    assert any(p.severity == "error" for p in problems)
 
 
 def test_valid_flow_has_no_problems(tmp_path: Path) -> None:
@@ -176,7 +176,8 @@ def test_format_text() -> None:
     assert format_problems(PROBLEMS, "text").split("\n") == [
         "flows/a.yaml:3:7: steps[0].request.method: 'GTE' is not one of GET, POST",
         "flows/a,b:c.yaml:1:1: warning: 100% broken\r",
-        "really",
+        # Continuation lines stay under the message (a JMESPath caret keeps its column).
+        " " * len("flows/a,b:c.yaml:1:1: warning: ") + "really",
     ]
     assert format_problems([], "text") == ""
 
