@@ -390,15 +390,9 @@ class FlowRun:
         item_ctx = ctx.child(item, index, sink, step.steps)
         try:
             if step.is_block:
+                # The block's steps update this item's own `steps.<id>` and, through the sink,
+                # the values seen from outside the block, accumulated in input order.
                 await self.run_sequence(step.steps, item_ctx)
-                # Inner steps seen from outside the block accumulate over items, in input order.
-                for inner in step.steps:
-                    for s in inner.walk():
-                        local = item_ctx.steps[s.id]
-                        if local["response"] is not None:
-                            sink.step_response(s.id, local["response"])
-                        if local["vars"]:
-                            sink.step_vars(s.id, local["vars"])
             else:
                 await self.run_request_step(step, item_ctx)
         except RunError as exc:
@@ -734,7 +728,9 @@ class FlowRun:
             if action != "retry":
                 break
             assert rule is not None
-            response, failure = await self._retry(step, request, scope, rule, rscope, response)
+            response, failure = await self._retry(
+                step, request, scope, rule, rscope, response, failure
+            )
         if action == "fail":
             raise self._failure(step, rule, rscope, request, response, failure)
         if action == "goto":
@@ -771,9 +767,10 @@ class FlowRun:
         rule: RuleSpec,
         rscope: dict[str, Any],
         response: Response | None,
+        failure: TransportError | None,
     ) -> tuple[Response | None, TransportError | None]:
         """The `retry` action: resend, sharing max_attempts with the transport's retries."""
-        attempts = response.attempts if response is not None else step.retry.max_attempts
+        attempts = response.attempts if response else (failure.attempts if failure else None) or 1
         if attempts >= step.retry.max_attempts:
             status = response.status if response is not None else None
             error_class = UnavailableError if is_unavailable_status(status) else RunError
@@ -800,7 +797,7 @@ class FlowRun:
                 )
         if delay is None:
             delay = backoff_delay(step.retry, attempts)
-        self.stats.retries += 1
+        # The client counts this resend (first_attempt > 1) in stats.retries.
         try:
             new = await self.send(
                 step, request, scope, first_attempt=attempts + 1, initial_wait=delay

@@ -287,16 +287,22 @@ def _run(
         except BaseException:
             outputs.abort()
             raise
+        # Cursors first: a cursor that cannot be compared fails the run before anything is
+        # published. Then the outputs (the manifest is the commit point), then the state.
+        old = {name: v["cursor"] for name, v in state_scope.items()}
+        cursors = outputs.new_cursors(old)
+        for stream in run.cut_short_streams:
+            if stream in cursors:
+                cursors[stream] = old.get(stream)
         manifest = outputs.commit()
-        if manifest is not None:
-            log.info("outputs committed to %s", getattr(outputs, "directory", output_dir))
         if store is not None:
-            old = {name: v["cursor"] for name, v in state_scope.items()}
-            cursors = outputs.new_cursors(old)
-            for stream in run.cut_short_streams:
-                if stream in cursors:
-                    cursors[stream] = old.get(stream)
             store.save_streams(cursors)
+        total = sum(outputs.counts.values())
+        where = "stdout" if manifest is None else getattr(outputs, "directory", output_dir)
+        log.info(
+            "run %s succeeded: %d records in %d streams to %s, %d requests",
+            run_id, total, len(outputs.counts), where, run.stats.requests,
+        )
         return EXIT_OK
     finally:
         if store is not None:
