@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck validate bench clean
+.PHONY: install demo demo-api test lint typecheck validate bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+# The demo API alone, on a fixed port, for running the example flows by hand.
+demo-api: $(STAMP)
+	$(BIN)/python -m runner.demo_api --port 8787
 
 lint: $(STAMP)
 	$(BIN)/ruff check runner tests benchmarks
