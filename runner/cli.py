@@ -132,10 +132,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     redactor = Redactor()
     setup_logging(args.log_format, redactor, args.verbose)
-    flow = load_flow(args.flow, args.services)
-    inputs = parse_inputs(args.input or [], args.inputs_file, flow.inputs_schema)
-    if args.output is not None and args.output != "-":
-        raise UsageError("--output takes only '-' (NDJSON on stdout); use --output-dir for files")
+    flow_name = str(args.flow)
+    try:
+        flow = load_flow(args.flow, args.services)
+        flow_name = flow.name
+        inputs = parse_inputs(args.input or [], args.inputs_file, flow.inputs_schema)
+        if args.output is not None and args.output != "-":
+            raise UsageError(
+                "--output takes only '-' (NDJSON on stdout); use --output-dir for files"
+            )
+    except RunnerError as exc:
+        if args.summary and not args.dry_run:
+            _write_early_summary(args.summary, flow_name, exc, redactor)
+        raise
     result = run_flow(
         flow,
         inputs,
@@ -149,6 +158,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         redactor=redactor,
     )
     return result.exit_code
+
+
+def _write_early_summary(path: str, flow_name: str, exc: RunnerError, redactor: Redactor) -> None:
+    """The summary is written on every exit but --dry-run (DESIGN), so also for a bad flow or
+    bad inputs found here, before run_flow starts."""
+    from .outputs import atomic_write
+    from .run import _summary, new_run_id
+
+    started = datetime.now(UTC)
+    data = _summary(
+        new_run_id(started), flow_name, "failed", exc.exit_code, started, 0.0, None, exc, redactor
+    )
+    try:
+        atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+    except OSError as err:
+        log.error("cannot write the summary to %s: %s", path, err)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
