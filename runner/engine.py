@@ -461,6 +461,8 @@ class FlowRun:
         base_url = ""
         if service is not None:
             if service.base_url is not None:
+                if "auth" in service.base_url.names and service.name not in self.auth_scope:
+                    await self._obtain_token(service.name, scope)
                 base_url = _as_str(service.base_url.render(scope), "base_url")
             if service.headers is not None:
                 headers.update(_header_values(service.headers.render(scope)))
@@ -528,6 +530,20 @@ class FlowRun:
                 "allow_insecure_http: true on the service",
                 url=self.redactor.redact(url),
             )
+
+    async def _obtain_token(self, service_name: str, scope: dict[str, Any]) -> None:
+        """Fetch the service's token now, for a base_url that reads `auth.<service>` (the
+        Salesforce instance URL): the token response must exist before base_url renders."""
+        service = self.flow.services[service_name]
+        if service.auth is None:
+            return
+        config = service.auth.render(scope)
+        authorizer = self.service_auth(service_name, None).authorizer(config, None)
+        try:
+            # The token is cached by the authorizer; this request is never sent.
+            await authorizer.apply(PreparedRequest("GET", "https://token.invalid/"))
+        finally:
+            self._refresh_auth_scope()
 
     async def _authorizer(
         self, step: StepSpec, request: PreparedRequest, scope: dict[str, Any]
