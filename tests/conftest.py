@@ -59,7 +59,8 @@ class ServerThread:
                     time.monotonic(),
                 )
             )
-            return await handler(request)
+            response: web.StreamResponse = await handler(request)
+            return response
 
         self.app.middlewares.insert(0, record)
 
