@@ -93,7 +93,12 @@ class ServiceAuth:
         The engine renders services for each request, so the same config comes back again
         and again: it gets the same authorizer, and with it the cached token.
         """
-        key = {"config": dict(config), "base_url": base_url}
+        # Only a session login reads base_url: an OAuth2 token fetched before base_url could
+        # be rendered (base_url read from `auth.<service>`) must be the one used afterwards.
+        key = {
+            "config": dict(config),
+            "base_url": base_url if config.get("type") == "session" else None,
+        }
         for seen, found in self._authorizers:
             if seen == key:
                 return found

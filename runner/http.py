@@ -13,13 +13,15 @@ import re
 import ssl
 import time
 import uuid
-from collections import deque
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
+from urllib.request import proxy_bypass
 
 import aiohttp
+from aiohttp.helpers import ProxyInfo, proxies_from_env
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -414,21 +416,28 @@ class SlidingWindow:
         self._limit = limit
         self._clock = clock
         self._sleep = sleep
-        self._sent: deque[float] = deque()
+        self._sent: list[list[float]] = []  # one [time] per slot; settle() may move it later
         self._lock = asyncio.Lock()
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> list[float]:
+        """Waits for a slot; returns it, to be passed to `settle` when the response begins."""
         # Waiters queue on the lock, so slots are granted in arrival order.
         async with self._lock:
-            sent, per = self._sent, self._limit.per_seconds
+            per = self._limit.per_seconds
             while True:
                 now = self._clock()
-                while sent and sent[0] <= now - per:
-                    sent.popleft()
+                self._sent = sent = [slot for slot in self._sent if slot[0] > now - per]
                 if len(sent) < self._limit.requests:
-                    sent.append(now)
-                    return
-                await self._sleep(sent[0] + per - now)
+                    slot = [now]
+                    sent.append(slot)
+                    return slot
+                await self._sleep(min(slot[0] for slot in sent) + per - now)
+
+    def settle(self, slot: list[float]) -> None:
+        """Moves a slot to when its response began. The server counts a request when it
+        arrives, some time after it was granted (a new connection takes a while): measuring
+        the window from the response keeps the server's count within the limit too."""
+        slot[0] = max(slot[0], self._clock())
 
 
 # ---------------------------------------------------------------- the client
@@ -514,6 +523,7 @@ class ServiceClient:
         self._paused_until = float("-inf")
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+        self._proxies: dict[str, ProxyInfo] | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use: aiohttp wants a running event loop.
@@ -523,10 +533,24 @@ class ServiceClient:
             jar: aiohttp.abc.AbstractCookieJar = (
                 aiohttp.CookieJar(unsafe=True) if self._cookies else aiohttp.DummyCookieJar()
             )
+            # auto_decompress off: aiohttp accepts a gzip body cut short as complete, and a
+            # truncated body must be retried; _read_body inflates and checks the stream's end.
+            # trust_env off: it would also add ~/.netrc credentials to any request without
+            # an Authorization header (auth: none, a cross-origin hop) and fail one with it.
+            # Proxies from the environment are applied by _proxy instead.
             self._session = aiohttp.ClientSession(
-                connector=connector, cookie_jar=jar, trust_env=True, auto_decompress=True
+                connector=connector, cookie_jar=jar, trust_env=False, auto_decompress=False
             )
         return self._session
+
+    def _proxy(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+        """The proxy for a URL from HTTP_PROXY, HTTPS_PROXY and NO_PROXY, as trust_env does."""
+        if self._proxies is None:
+            self._proxies = proxies_from_env()
+        info = self._proxies.get(url.scheme)
+        if info is None or (url.host is not None and proxy_bypass(url.host)):
+            return None, None
+        return info.proxy, info.proxy_auth
 
     async def close(self) -> None:
         if self._session is not None:
@@ -700,21 +724,27 @@ class ServiceClient:
         max_body_bytes: int,
     ) -> Response:
         await self._wait_for_pause(retry)
-        if self._window is not None:
-            await self._window.acquire()
+        window = self._window
+        slot = await window.acquire() if window is not None else None
         url = _full_url(request)
         session = self._get_session()
         counted = False  # a response whose body then fails is still one request, counted once
+        proxy, proxy_auth = self._proxy(url)
         try:
             async with session.request(
                 request.method,
                 url,
-                headers=request.headers,
+                headers=_with_accept_encoding(request.headers),
                 data=request.body,
                 cookies=request.cookies or None,
                 allow_redirects=False,
                 timeout=timeout,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             ) as resp:
+                if window is not None and slot is not None:
+                    window.settle(slot)
+                    slot = None
                 status, reason, final_url = resp.status, resp.reason or "", str(resp.url)
                 self.stats.count_response(status)
                 counted = True
@@ -732,6 +762,9 @@ class ServiceClient:
         except aiohttp.ClientError as exc:
             self.stats.requests += not counted
             raise RunError(f"invalid HTTP response: {exc}", url=str(url)) from exc
+        finally:
+            if window is not None and slot is not None:
+                window.settle(slot)  # no response, but the request may have reached the server
         return Response(status=status, reason=reason, headers=headers, body=body, url=final_url)
 
     def _observe_limits(self, status: int, headers: dict[str, str], retry: RetryPolicy) -> None:
@@ -761,13 +794,81 @@ def _safe_url(request: PreparedRequest) -> str:
 async def _read_body(
     resp: aiohttp.ClientResponse, max_body_bytes: int, url: str, status: int
 ) -> bytes:
-    """The decompressed body, counted while it arrives so that a gzip bomb stops early."""
+    """The decompressed body, counted while it arrives so that a gzip bomb stops early.
+
+    A compressed stream that ends before its end marker raises ClientPayloadError, like any
+    body cut short, so that it is retried.
+    """
     limit = BodyLimit(max_body_bytes)
     chunks: list[bytes] = []
+    inflater = _inflater(resp.headers.get("Content-Encoding"), url, status)
     try:
         async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
-            limit.add(chunk)
-            chunks.append(chunk)
+            if inflater is None:
+                limit.add(chunk)
+                chunks.append(chunk)
+                continue
+            if not chunks and inflater.wbits == 15 and chunk[0] & 0x0F != 8:
+                # "deflate" sent raw, without its zlib header, as some servers do.
+                inflater = _Inflater(-zlib.MAX_WBITS)
+            data = chunk
+            while data and not inflater.eof:
+                # max_length bounds each piece, so a bomb never inflates past the limit + 64 KiB.
+                out = inflater.decompress(data, CHUNK_SIZE)
+                limit.add(out)
+                chunks.append(out)
+                data = inflater.unconsumed_tail
+        if inflater is not None and chunks and not inflater.eof:
+            raise aiohttp.ClientPayloadError("compressed body ended before its end marker")
+    except zlib.error as exc:
+        raise DecodeError(
+            f"response body is not valid {resp.headers.get('Content-Encoding')}: {exc}",
+            url=url,
+            status=status,
+            reason=resp.reason,
+        ) from exc
     except DecodeError as exc:
         raise exc.in_context(url=url, status=status, reason=resp.reason) from None
     return b"".join(chunks)
+
+
+class _Inflater:
+    """zlib's decompressor with the window bits it was made with."""
+
+    __slots__ = ("_obj", "wbits")
+
+    def __init__(self, wbits: int) -> None:
+        self.wbits = wbits
+        self._obj = zlib.decompressobj(wbits)
+
+    @property
+    def eof(self) -> bool:
+        return self._obj.eof
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return self._obj.unconsumed_tail
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        return self._obj.decompress(data, max_length)
+
+
+# Only what _read_body can inflate is asked for (aiohttp would add br and zstd).
+_ACCEPT_ENCODING = "gzip, deflate"
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _inflater(encoding: str | None, url: str, status: int) -> _Inflater | None:
+    name = (encoding or "").strip().lower()
+    if name in ("", "identity"):
+        return None
+    wbits = _WBITS.get(name)
+    if wbits is None:
+        raise DecodeError(f"unsupported Content-Encoding {encoding!r}", url=url, status=status)
+    return _Inflater(wbits)
+
+
+def _with_accept_encoding(headers: dict[str, str]) -> dict[str, str]:
+    if any(name.lower() == "accept-encoding" for name in headers):
+        return headers
+    return {**headers, "Accept-Encoding": _ACCEPT_ENCODING}
