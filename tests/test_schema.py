@@ -234,9 +234,8 @@ AUTHS = {
         'form: {u: a, p: b}, headers: {X-A: b}, query: {v: 1}}, token: headers."x-session",'
         " in: cookie, name: sid}"
     ),
-    "session_raw_body": (
-        "{type: session, request: {method: POST, path: /login, body: '<login/>',"
-        " content_type: application/xml}, token: body.token, in: query, name: token}"
+    "session_form_default_name": (
+        "{type: session, request: {path: /login, form: {user: u}}, token: body.token}"
     ),
 }
 
