@@ -50,6 +50,7 @@ class Pagination:
         self.pages = 0
         self.number = spec.start if spec and spec.type == "page_number" else 1
         self.offset = 0
+        self.records = 0  # records the pages held so far, before `filter`
         self.cursor: Any = None
         self.next_url: str | None = None  # next_url and link_header: the URL to send as given
         self.cut_short = False  # max_pages stopped it with pages left
@@ -99,6 +100,7 @@ class Pagination:
         if spec is None:
             return False
         self.pages += 1
+        self.records += count
         if count == 0:
             return False
         has_next = self._find_next(spec, scope, count)
@@ -112,6 +114,11 @@ class Pagination:
             if spec.total_pages is not None:
                 total = as_number(spec.total_pages.search(scope))
                 if total is not None and self.number - spec.start + 1 >= total:
+                    return False
+            if spec.total is not None:
+                # `total` counts records (an X-Total-Count header): stop once all came.
+                total = as_number(spec.total.search(scope))
+                if total is not None and self.records >= total:
                     return False
             self.number += 1
             return True
