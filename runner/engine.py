@@ -562,8 +562,9 @@ class FlowRun:
         else:
             return None
         base_url = _as_str(service.base_url.render(scope), "base_url") if service.base_url else None
-        # Credentials go only to the service's own origin (an absolute `url` elsewhere gets none).
-        if spec.url is not None and base_url and origin(request.url) != origin(base_url):
+        # Credentials go only to the service's own origin: an absolute `url` elsewhere, or a
+        # next page on another host (allow_cross_host), gets none.
+        if base_url and origin(request.url) != origin(base_url):
             return None
         return auth.authorizer(config, base_url)
 

@@ -365,11 +365,19 @@ steps:
     assert elsewhere.requests == []
     assert not (tmp_path / "out" / "items.jsonl").exists()
 
-    write_flow(flow.replace("EXTRA", "    allow_cross_host: true"))
-    result = run(cli, server)
+    write_flow(
+        flow.replace(
+            "EXTRA",
+            "    allow_cross_host: true\n    auth: {type: bearer, token: \"{{ secrets.TOKEN }}\"}",
+        )
+    )
+    result = run(cli, server, TOKEN="tok-123")
     assert result.code == 0, result.stderr
     assert records(tmp_path) == ids(3)
     assert [r.query for r in elsewhere.requests] == [{"x": ["1"]}]
+    # Following another host is allowed, but the service's credentials stay on its own origin.
+    assert server.requests[-1].headers["Authorization"] == "Bearer tok-123"
+    assert "Authorization" not in elsewhere.requests[0].headers
 
 
 def test_json_server_pages_by_link_header_and_by_total_count(
