@@ -301,7 +301,11 @@ def _run(
         where = "stdout" if manifest is None else getattr(outputs, "directory", output_dir)
         log.info(
             "run %s succeeded: %d records in %d streams to %s, %d requests",
-            run_id, total, len(outputs.counts), where, run.stats.requests,
+            run_id,
+            total,
+            len(outputs.counts),
+            where,
+            run.stats.requests,
         )
         return EXIT_OK
     finally:

@@ -55,7 +55,11 @@ class ServerThread:
                 query.setdefault(key, []).append(value)
             self.requests.append(
                 RecordedRequest(
-                    request.method, request.path, query, dict(request.headers), body,
+                    request.method,
+                    request.path,
+                    query,
+                    dict(request.headers),
+                    body,
                     time.monotonic(),
                 )
             )

@@ -368,7 +368,7 @@ steps:
     write_flow(
         flow.replace(
             "EXTRA",
-            "    allow_cross_host: true\n    auth: {type: bearer, token: \"{{ secrets.TOKEN }}\"}",
+            '    allow_cross_host: true\n    auth: {type: bearer, token: "{{ secrets.TOKEN }}"}',
         )
     )
     result = run(cli, server, TOKEN="tok-123")
