@@ -24,6 +24,7 @@ demo-api: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check runner tests benchmarks
+	$(BIN)/ruff format --check runner tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy runner

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -168,3 +169,46 @@ def read_jsonl(path: Path) -> list[Any]:
     import json
 
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server started as a process."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def server_process(
+    args: list[str], health_url: str, *, cwd: Path | None = None, name: str = "server"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process, wait until `health_url` answers 200, stop it afterwards.
+
+    Fails the test (pytest.fail) when it does not come up within 30 s.
+    """
+    import urllib.request
+
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(health_url, timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{name} did not start")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,6 @@ import base64
 import itertools
 import json
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import ROOT, CliResult, ServerThread, read_jsonl
+from tests.conftest import ROOT, CliResult, ServerThread, free_port, read_jsonl, server_process
 
 Serve = Callable[[web.Application], ServerThread]
 Cli = Callable[..., CliResult]
@@ -622,31 +621,16 @@ steps:
 
 
 def test_example_oauth_login_flow_against_the_demo_api(cli: Cli, tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "runner.demo_api", "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "runner.demo_api", "--port", str(port)]
+    with server_process(command, f"{url}/health", cwd=ROOT, name="demo API"):
         env = {
-            "DEMO_API_URL": f"http://127.0.0.1:{port}",
+            "DEMO_API_URL": url,
             "DEMO_CLIENT_SECRET": "demo-secret",
             "DEMO_PASSWORD": "demo-password",
         }
         result = cli("run", str(ROOT / "flows/oauth_login.yaml"), "-v", env=env)
-    finally:
-        demo.terminate()
-        demo.wait(10)
     assert result.code == 0, result.stderr
     assert len(read_jsonl(tmp_path / "out/events.jsonl")) == 10
     assert len(read_jsonl(tmp_path / "out/orders.jsonl")) == 5

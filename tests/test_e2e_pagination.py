@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import CliResult, ServerThread, read_jsonl
+from tests.conftest import CliResult, ServerThread, free_port, read_jsonl, server_process
 
 Serve = Callable[[web.Application], ServerThread]
 Cli = Callable[..., CliResult]
@@ -873,13 +871,6 @@ def _clean_env() -> dict[str, str]:
 # -- json-server (npm) ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def json_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """json-server 0.17.4 from npm with 95 posts; skipped when npm or the install is missing."""
@@ -900,31 +891,8 @@ def json_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(f"npm install of json-server failed: {install.stderr[-300:]}")
     posts = [{"id": i, "title": f"post {i}", "body": "x" * (i % 7)} for i in range(1, 96)]
     (folder / "db.json").write_text(json.dumps({"posts": posts}))
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["npx", "json-server", "-H", "127.0.0.1", "-p", str(port), "db.json"],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/posts/1", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("json-server did not start")
-            time.sleep(0.1)
+    command = ["npx", "json-server", "-H", "127.0.0.1", "-p", str(port), "db.json"]
+    with server_process(command, f"{url}/posts/1", cwd=folder, name="json-server"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

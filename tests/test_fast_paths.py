@@ -1,0 +1,165 @@
+"""The performance fast paths give exactly what the general paths give: shapes, JSONL bytes,
+batched writes, and text templates rendered without Jinja."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runner.decode import json_dumps_line, json_dumps_line_bytes
+from runner.errors import RenderError, RunError
+from runner.expressions import compile_expression, compile_shape
+from runner.outputs import FileOutputs, StreamSpec
+from runner.templates import _ENV, _ENV_PATH, compile_template
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "b", "id", "x-y", "0"]), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+PATHS = ["id", "a", "a.b", "a.b.x", '"x-y"', "a[0]", "b[1].a", "a.b[0]", "@", "length(a)"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(record=json_values, picks=st.lists(st.sampled_from(PATHS), min_size=1, max_size=6))
+def test_compile_shape_is_field_by_field_search(record: Any, picks: list[str]) -> None:
+    fields = tuple((f"f{i}", compile_expression(source)) for i, source in enumerate(picks))
+    shape = compile_shape(fields)
+    expected: dict[str, Any] | None = None
+    try:
+        expected = {name: e.search(record) for name, e in fields}
+    except RenderError:
+        with pytest.raises(RenderError):
+            shape(record)
+        return
+    assert shape(record) == expected
+    assert list(shape(record)) == [name for name, _ in fields]
+
+
+def test_compile_shape_reads_nested_plain_dicts_and_other_types() -> None:
+    fields = (
+        ("id", compile_expression("id")),
+        ("country", compile_expression("address.country")),
+        ("first", compile_expression("tags[0]")),
+        ("deep", compile_expression("a.b.c")),
+    )
+    shape = compile_shape(fields)
+    assert shape({"id": 1, "address": {"country": "DE"}, "tags": ["x"], "a": {"b": {"c": 2}}}) == {
+        "id": 1,
+        "country": "DE",
+        "first": "x",
+        "deep": 2,
+    }
+    assert shape({"address": "no dict", "tags": "no list"}) == dict.fromkeys(
+        ["id", "country", "first", "deep"]
+    )
+    assert shape("not an object") == dict.fromkeys(["id", "country", "first", "deep"])
+    assert compile_shape(fields) is shape  # compiled once
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_json_line_bytes_is_the_text_line_encoded(value: Any) -> None:
+    try:
+        text = json_dumps_line(value)
+    except (TypeError, ValueError):
+        with pytest.raises((TypeError, ValueError)):
+            json_dumps_line_bytes(value)
+        return
+    try:
+        expected = (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            json_dumps_line_bytes(value)
+        return
+    assert json_dumps_line_bytes(value) == expected
+
+
+def _outputs(directory: Path, run_id: str, **spec: Any) -> FileOutputs:
+    streams = {"s": StreamSpec("s", **spec)}
+    out = FileOutputs(str(directory), run_id, streams, ["s"], datetime.now(UTC))
+    out.open()
+    return out
+
+
+@pytest.mark.parametrize("spec", [{}, {"cursor_field": "n", "cursor_type": "number"}])
+def test_write_many_writes_what_write_writes(tmp_path: Path, spec: dict[str, Any]) -> None:
+    records = [{"n": i, "text": "é" * (i % 3), "f": i / 7, "small": 1e-7 * i} for i in range(500)]
+    one = _outputs(tmp_path / "one", "r1", **spec)
+    for record in records:
+        one.write("s", record)
+    many = _outputs(tmp_path / "many", "r2", **spec)
+    many.write_many("s", records[:250])
+    many.write_many("s", records[250:])
+    assert many.counts == one.counts == {"s": 500}
+    assert many.new_cursors({}) == one.new_cursors({})
+    first, second = one.commit(), many.commit()
+    assert first["streams"]["s"]["sha256"] == second["streams"]["s"]["sha256"]
+    lines = (tmp_path / "many" / "s.jsonl").read_text("utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == records
+
+
+def test_write_many_counts_records_before_a_bad_one(tmp_path: Path) -> None:
+    out = _outputs(tmp_path, "r1")
+    with pytest.raises(RunError, match="cannot be written as JSON"):
+        out.write_many("s", [{"a": 1}, {"b": object()}, {"c": 3}])
+    assert out.counts["s"] == 1
+    out.abort()
+    partial = [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+    assert (tmp_path / partial[0]).read_text() == '{"a":1}\n'
+
+
+def test_write_many_checks_a_schema_like_write(tmp_path: Path) -> None:
+    out = _outputs(tmp_path, "r1", schema={"type": "object", "required": ["id"]}, on_invalid="skip")
+    out.write_many("s", [{"id": 1}, {"x": 2}, {"id": 3}])
+    assert out.counts["s"] == 2
+    assert out.invalid_skipped == {"s": 1}
+    out.abort()
+
+
+TEXT_SOURCES = [
+    "/items/{{ item }}",
+    "a{{ x }}b{{ y.z }}c",
+    "{{ x }} and {{ y['z'] }}",
+    "/f/{{ y.l[1] }}",
+    "{{ body.items }}",
+    "n={{ flag }}",
+    "{{ now }}x",
+]
+scope_values = st.none() | st.booleans() | st.integers() | st.text(max_size=6) | json_values
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    source=st.sampled_from(TEXT_SOURCES),
+    mode=st.sampled_from(["text", "path"]),
+    x=scope_values,
+    y=scope_values,
+)
+def test_text_templates_render_as_jinja_does(source: str, mode: str, x: Any, y: Any) -> None:
+    scope = {"x": x, "y": y, "item": x, "flag": x, "body": y}
+    env = _ENV_PATH if mode == "path" else _ENV
+    reference = env.from_string(source)
+    try:
+        context = reference.new_context({**reference.globals, **scope}, True)
+        expected: str | None = "".join(reference.root_render_func(context))
+    except Exception:
+        expected = None
+    template = compile_template(source, mode)  # type: ignore[arg-type]
+    if expected is None:
+        with pytest.raises(RenderError):
+            template.render(scope)
+    else:
+        assert template.render(scope) == expected
