@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import jsonschema
 
+from .dryrun import STATIC_NAMES, show_dry_run
 from .engine import FlowRun, RunInfo
 from .errors import (
     EXIT_OK,
@@ -40,9 +41,6 @@ from .redact import Redactor
 from .secrets import Secrets
 
 log = logging.getLogger("runner")
-
-# Scope names whose values exist before the first request (for --dry-run and early checks).
-STATIC_NAMES = frozenset({"inputs", "env", "secrets", "state", "run"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,105 +348,6 @@ async def _drive(run: FlowRun, timeout: float | None, handle_signals: bool) -> N
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-
-
-def show_dry_run(
-    flow: Flow,
-    inputs: dict[str, Any],
-    environ: dict[str, str],
-    out: TextIO,
-    state_path: str | None,
-) -> None:
-    """Print the first request of each step whose templates need only static names; secrets
-    show as *** and need not exist; nothing is sent or written."""
-    from .engine import Context, Sink
-    from .paginate import Pagination as Pager
-
-    saved: dict[str, Any] = {}
-    if state_path and os.path.exists(state_path):
-        saved = StateStore(state_path).load()
-    streams = saved.get("streams") or {}
-    state_scope = {
-        name: {"cursor": (streams.get(name) or {}).get("cursor")}
-        for name in set(flow.streams) | set(streams)
-    }
-    redactor = Redactor()
-    started = datetime.now(UTC)
-    run = FlowRun(
-        flow=flow,
-        inputs=inputs,
-        environ=environ,
-        secrets=Secrets(environ, redactor, masked=True),
-        state=state_scope,
-        outputs=StdoutOutputs({}, out),
-        redactor=redactor,
-        info=RunInfo(new_run_id(started), started, flow.name),
-    )
-    ctx = Context(run.steps_scope, Sink(run))
-    blocks = []
-    for step in flow.all_steps():
-        if step.request is None:
-            continue
-        needs = sorted(_needs(flow, step))
-        lines = [f"step {step.id}:"]
-        if needs:
-            lines.append("  needs " + ", ".join(needs))
-        else:
-            pager = Pager(step.paginate)
-            try:
-                request = asyncio.run(run.build_request(step, run.scope(ctx, pager.scope()), pager))
-            except RunError as exc:
-                raise UsageError(f"step '{step.id}': {exc.message}") from exc
-            query = "&".join(f"{k}={v}" for k, v in request.query)
-            lines.append(f"  {request.method} {request.url}" + (f"?{query}" if query else ""))
-            for name, value in request.headers.items():
-                lines.append(f"  {name}: {value}")
-            auth = _auth_type_of(flow, step)
-            if auth:
-                lines.append(f"  auth: {auth}")
-            if request.body is not None:
-                lines.append("  body: " + request.body.decode("utf-8", "replace")[:2000])
-        blocks.append("\n".join(lines))
-    out.write("\n\n".join(blocks) + "\n")
-    out.flush()
-
-
-def _auth_type_of(flow: Flow, step: Any) -> str | None:
-    if step.auth == "none":
-        return "none"
-    if not isinstance(step.auth, str):
-        return _auth_type(step.auth.source)
-    service = flow.services.get(step.request.service) if step.request.service else None
-    if service is not None and service.auth is not None:
-        return _auth_type(service.auth.source)
-    return None
-
-
-def _needs(flow: Flow, step: Any) -> set[str]:
-    """What a step's first request needs beyond the static names: `steps.X`, `item`, ..."""
-    spec = step.request
-    names: set[str] = set()
-    step_refs: set[str] = set()
-    parts: list[Any] = [
-        spec.path,
-        spec.url,
-        spec.query,
-        spec.headers,
-        spec.body,
-        spec.body_template,
-        spec.content_type,
-    ]
-    service = flow.services.get(spec.service) if spec.service else None
-    if service is not None:
-        parts += [service.base_url, service.headers]
-    for part in parts:
-        if part is not None:
-            names |= set(part.names)
-            step_refs |= set(part.step_refs)
-    needs = {f"steps.{ref}" for ref in step_refs}
-    for name in names - STATIC_NAMES - {"steps", "page"}:
-        needs.add(name)
-    return needs
 
 
 def _summary(

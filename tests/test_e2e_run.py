@@ -721,6 +721,50 @@ steps:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml"]
 
 
+def test_dry_run_renders_a_known_for_each_list_with_its_first_item(
+    cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    write_flow(
+        """\
+version: 1
+name: dry
+inputs:
+  type: object
+  properties:
+    customers: {type: array, default: [{ref: a-1, name: Ada}, {ref: b-2, name: Bob}]}
+services:
+  api:
+    base_url: https://api.example.com
+    auth: {type: api_key, in: header, name: X-Api-Key, value: "{{ secrets.KEY }}"}
+steps:
+  - id: sync
+    for_each: inputs.customers
+    steps:
+      - id: create
+        request: {service: api, method: POST, path: /customers, json: "{{ item }}"}
+  - id: list
+    request: {service: api, path: /customers}
+    records: body
+  - id: each
+    for_each: steps.list.records
+    request: {service: api, path: "/customers/{{ item.id }}"}
+"""
+    )
+    result = cli("run", "flow.yaml", "--dry-run")
+    assert result.code == 0, result.stderr
+    blocks = result.stdout.strip().split("\n\n")
+    assert blocks[0].splitlines() == [
+        "step create:",
+        "  POST https://api.example.com/customers",
+        "  (the for_each's first item)",
+        "  Content-Type: application/json",
+        "  X-Api-Key: ***",
+        '  body: {"ref":"a-1","name":"Ada"}',
+    ]
+    assert blocks[2].splitlines() == ["step each:", "  needs steps.list (for_each)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml"]
+
+
 def test_summary_and_json_logs(
     serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:

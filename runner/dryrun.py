@@ -1,0 +1,161 @@
+"""`runner run --dry-run`: the first request of each step, rendered from what exists before
+the run (inputs, env, secrets as ***, state, run); nothing is sent or written."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from .engine import Context, FlowRun, RunInfo, Sink
+from .errors import RunError, UsageError
+from .model import Flow, StepSpec
+from .outputs import StateStore, StdoutOutputs
+from .paginate import Pagination
+from .redact import MASK, Redactor
+from .secrets import Secrets
+
+# Scope names whose values exist before the first request.
+STATIC_NAMES = frozenset({"inputs", "env", "secrets", "state", "run"})
+
+
+def show_dry_run(
+    flow: Flow,
+    inputs: dict[str, Any],
+    environ: dict[str, str],
+    out: TextIO,
+    state_path: str | None,
+) -> None:
+    saved: dict[str, Any] = {}
+    if state_path and os.path.exists(state_path):
+        saved = StateStore(state_path).load()
+    streams = saved.get("streams") or {}
+    state_scope = {
+        name: {"cursor": (streams.get(name) or {}).get("cursor")}
+        for name in set(flow.streams) | set(streams)
+    }
+    started = datetime.now(UTC)
+    run = FlowRun(
+        flow=flow,
+        inputs=inputs,
+        environ=environ,
+        secrets=Secrets(environ, Redactor(), masked=True),
+        state=state_scope,
+        outputs=StdoutOutputs({}, out),
+        redactor=Redactor(),
+        info=RunInfo("dry-run", started, flow.name),
+    )
+    root = Context(run.steps_scope, Sink(run))
+    blocks = [
+        _block(run, step, ctx, waits)
+        for step, ctx, waits in _steps_with_context(run, flow.steps, root, "")
+    ]
+    out.write("\n\n".join(blocks) + "\n")
+    out.flush()
+
+
+def _steps_with_context(
+    run: FlowRun, steps: tuple[StepSpec, ...], ctx: Context | None, waits: str
+) -> Iterator[tuple[StepSpec, Context | None, str]]:
+    """Each request step with the context of its first request: inside a for_each whose list
+    is known before the run, the first item; otherwise None and what the list waits for."""
+    for step in steps:
+        inner, inner_waits = ctx, waits
+        if step.for_each is not None and ctx is not None:
+            expr = step.for_each
+            inner = None
+            if _is_static(expr.root_names, expr.step_refs):
+                items = expr.search(run.scope(ctx))
+                if isinstance(items, list) and items:
+                    inner = ctx.child(items[0], 0, ctx.sink, step.steps)
+                else:
+                    inner_waits = f"items (for_each {expr.source} is empty)"
+            else:
+                refs = sorted(f"steps.{ref}" for ref in expr.step_refs) or [expr.source]
+                inner_waits = ", ".join(refs) + " (for_each)"
+        if step.request is not None:
+            yield step, inner, inner_waits
+        yield from _steps_with_context(run, step.steps, inner, inner_waits)
+
+
+def _is_static(names: frozenset[str], step_refs: frozenset[str]) -> bool:
+    return not step_refs and names <= STATIC_NAMES
+
+
+def _block(run: FlowRun, step: StepSpec, ctx: Context | None, waits: str) -> str:
+    lines = [f"step {step.id}:"]
+    if ctx is None:
+        lines.append(f"  needs {waits}")
+        return "\n".join(lines)
+    needs = sorted(_needs(run.flow, step, with_item=ctx.in_item))
+    if needs:
+        lines.append("  needs " + ", ".join(needs))
+        return "\n".join(lines)
+    pager = Pagination(step.paginate)
+    try:
+        request = asyncio.run(run.build_request(step, run.scope(ctx, pager.scope()), pager))
+    except RunError as exc:
+        raise UsageError(f"--dry-run: step '{step.id}': {exc.message}") from exc
+    query = "&".join(f"{k}={v}" for k, v in request.query)
+    lines.append(f"  {request.method} {request.url}" + (f"?{query}" if query else ""))
+    if ctx.in_item:
+        lines.append("  (the for_each's first item)")
+    for name, value in request.headers.items():
+        lines.append(f"  {name}: {value}")
+    lines.extend(f"  {line}" for line in _credentials(run.flow, step))
+    if request.body is not None:
+        lines.append("  body: " + request.body.decode("utf-8", "replace")[:2000])
+    return "\n".join(lines)
+
+
+def _auth_config(flow: Flow, step: StepSpec) -> Any:
+    if step.auth == "none":
+        return "none"
+    if not isinstance(step.auth, str):
+        return step.auth.source
+    assert step.request is not None
+    service = flow.services.get(step.request.service) if step.request.service else None
+    if service is not None and service.auth is not None:
+        return service.auth.source
+    return None
+
+
+def _credentials(flow: Flow, step: StepSpec) -> list[str]:
+    """How the credentials would be sent, with every value masked."""
+    config = _auth_config(flow, step)
+    if config is None or config == "none":
+        return ["auth: none"] if config == "none" else []
+    kind = config.get("type")
+    if kind == "basic":
+        return ["Authorization: Basic ***"]
+    if kind == "bearer":
+        return ["Authorization: Bearer ***"]
+    if kind == "api_key":
+        where = config.get("in", "header")
+        name = config.get("name", "")
+        return [f"{name}: {MASK}" if where == "header" else f"api key in {where} {name}={MASK}"]
+    if kind == "session":
+        return ["auth: session (token from the login request, at the first request)"]
+    return [f"auth: {kind} (token from {config.get('token_url')}, at the first request)"]
+
+
+def _needs(flow: Flow, step: StepSpec, *, with_item: bool) -> set[str]:
+    """What a step's first request needs beyond the static names: `steps.X`, `item`, ..."""
+    spec = step.request
+    assert spec is not None
+    names: set[str] = set()
+    step_refs: set[str] = set()
+    parts: list[Any] = [spec.path, spec.url, spec.query, spec.headers, spec.body,
+                        spec.body_template, spec.content_type]  # fmt: skip
+    service = flow.services.get(spec.service) if spec.service else None
+    if service is not None:
+        parts += [service.base_url, service.headers]
+    for part in parts:
+        if part is not None:
+            names |= set(part.names)
+            step_refs |= set(part.step_refs)
+    needs = {f"steps.{ref}" for ref in step_refs}
+    known = STATIC_NAMES | {"steps", "page"} | ({"item", "item_index"} if with_item else set())
+    return needs | (names - known)
