@@ -256,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug of ours: one line, not a traceback (-v logs it)
+        log.debug("internal error", exc_info=True)
+        sys.stderr.write(f"runner: internal error: {type(exc).__name__}: {exc}\n")
+        return 1
     return code
 
 

@@ -203,7 +203,11 @@ def run_flow(
         )
         error = None
         exit_code = result
-    except RunnerError as exc:
+    except Exception as exc:
+        # A bug of ours still ends as a failed run with a summary, never a traceback.
+        if not isinstance(exc, RunnerError):
+            log.debug("internal error", exc_info=True)
+            exc = RunError(f"internal error: {type(exc).__name__}: {exc}", kind="internal")
         error = exc
         exit_code = exc.code if isinstance(exc, InterruptedRun) else exc.exit_code
         message = redactor.redact(str(exc))
