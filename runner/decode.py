@@ -17,7 +17,6 @@ from functools import lru_cache
 from typing import Any
 from xml.parsers import expat
 
-import xmltodict
 from defusedxml import (
     DefusedXmlException,
     DTDForbidden,
@@ -142,6 +141,33 @@ def json_dumps_line(obj: Any) -> str:
     The output is the same byte for byte with or without orjson; NaN and infinities are null.
     """
     return _dumps_fast(obj) if _ORJSON is not None else _dumps_stdlib(obj)
+
+
+_LINE_OPTIONS = _ORJSON_OPTIONS | (_ORJSON.OPT_APPEND_NEWLINE if _ORJSON is not None else 0)
+
+
+def _dumps_line_bytes_fast(obj: Any) -> bytes:
+    try:
+        out: bytes = _ORJSON.dumps(obj, option=_LINE_OPTIONS)
+    except TypeError:
+        return _dumps_line_bytes_stdlib(obj)
+    if (b"e-" in out or b"0.0000" in out) and _ORJSON_FLOAT_DIFFERS.search(out[:-1]):
+        return _dumps_line_bytes_stdlib(obj)
+    return out
+
+
+def _dumps_line_bytes_stdlib(obj: Any) -> bytes:
+    return (_dumps_stdlib(obj) + "\n").encode(_UTF8)
+
+
+def json_dumps_line_bytes(obj: Any) -> bytes:
+    """`json_dumps_line(obj)` and a newline, as UTF-8: a JSONL line ready to write.
+
+    With orjson the bytes come straight from it (no str round trip). A lone surrogate, which
+    UTF-8 cannot hold, raises UnicodeEncodeError (orjson refuses it with TypeError first, and
+    the stdlib path then fails to encode), as encoding `json_dumps_line(obj)` would.
+    """
+    return _dumps_line_bytes_fast(obj) if _ORJSON is not None else _dumps_line_bytes_stdlib(obj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +515,10 @@ def _decode_xml(
     data: bytes | str = raw
     encoding = None
     strip = opts.xml_namespaces == "strip"
+    # Imported here: xmltodict pulls in urllib.request and more (~25 ms), which a flow
+    # without XML, and `runner validate`, should not pay at start-up.
+    import xmltodict
+
     try:
         if charset == _UTF8:
             encoding = _UTF8

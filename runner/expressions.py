@@ -20,6 +20,7 @@ from runner.errors import ExpressionError, RenderError
 __all__ = [
     "Expression",
     "compile_expression",
+    "compile_shape",
     "format_datetime",
     "parse_datetime",
     "to_epoch",
@@ -176,9 +177,14 @@ _INTERPRETER = jvisitor.TreeInterpreter(_OPTIONS)
 class Expression:
     """A compiled JMESPath expression. `search` raises RenderError, never a jmespath error."""
 
-    __slots__ = ("_fn", "is_plain_path", "root_names", "source", "step_refs")
+    # `search` is the compiled function itself, not a method wrapping it: one Python call per
+    # search, which counts when fields are read from every record.
+    __slots__ = ("getter", "is_plain_path", "root_names", "search", "source", "step_refs")
 
     source: str
+    search: Callable[[Any], Any]
+    # For a plain path: the path as keys and indexes, which compile_shape inlines.
+    getter: tuple[str | int, ...] | None
     step_refs: frozenset[str]
     root_names: frozenset[str]
     is_plain_path: bool
@@ -191,21 +197,31 @@ class Expression:
         step_refs: frozenset[str],
         root_names: frozenset[str],
         is_plain_path: bool,
+        path: tuple[str | int, ...] | None = None,
     ) -> None:
         self.source = source
-        self._fn = fn
+        self.search = fn
+        self.getter = path
         self.step_refs = step_refs
         self.root_names = root_names
         self.is_plain_path = is_plain_path
 
-    def search(self, data: Any) -> Any:
-        try:
-            return self._fn(data)
-        except Exception as exc:
-            raise RenderError(f"JMESPath error in {self.source!r}: {exc}") from exc
-
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
+
+
+def _render_error(source: str, exc: Exception) -> RenderError:
+    return RenderError(f"JMESPath error in {source!r}: {exc}")
+
+
+def _guarded(source: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def search(data: Any) -> Any:
+        try:
+            return fn(data)
+        except Exception as exc:
+            raise _render_error(source, exc) from exc
+
+    return search
 
 
 def compile_expression(source: str) -> Expression:
@@ -228,7 +244,9 @@ def _compile_expression(source: str) -> Expression:
 
     path = _plain_path(parsed)
     fn: Callable[[Any], Any] = (
-        functools.partial(_INTERPRETER.visit, tree) if path is None else _make_getter(path)
+        _guarded(source, functools.partial(_INTERPRETER.visit, tree))
+        if path is None
+        else _make_getter(source, path)
     )
     return Expression(
         source,
@@ -236,6 +254,7 @@ def _compile_expression(source: str) -> Expression:
         step_refs=frozenset(_step_refs(parsed)),
         root_names=frozenset(_root_names(parsed)),
         is_plain_path=path is not None,
+        path=path,
     )
 
 
@@ -382,9 +401,10 @@ def _plain_path(node: dict[str, Any]) -> tuple[str | int, ...] | None:
     return None
 
 
-def _make_getter(path: tuple[str | int, ...]) -> Callable[[Any], Any]:
+def _make_getter(source: str, path: tuple[str | int, ...]) -> Callable[[Any], Any]:
     """A getter with JMESPath's semantics: a missing key, a wrong type or an index out of
-    range gives None. Fields use `.get` like jmespath's own visitor does."""
+    range gives None. Fields use `.get` like jmespath's own visitor does. Anything else that
+    goes wrong (a mapping-like object whose `get` fails) is a RenderError."""
     if len(path) == 1 and isinstance(path[0], str):
         key = path[0]
 
@@ -393,6 +413,8 @@ def _make_getter(path: tuple[str | int, ...]) -> Callable[[Any], Any]:
                 return data.get(key)
             except AttributeError:
                 return None
+            except Exception as exc:
+                raise _render_error(source, exc) from exc
 
         return get1
 
@@ -404,23 +426,99 @@ def _make_getter(path: tuple[str | int, ...]) -> Callable[[Any], Any]:
                 return data.get(key1).get(key2)
             except AttributeError:
                 return None
+            except Exception as exc:
+                raise _render_error(source, exc) from exc
 
         return get2
 
     def get(data: Any) -> Any:
-        for key in path:
-            if type(key) is int:
-                if not isinstance(data, list):
-                    return None
-                try:
-                    data = data[key]
-                except IndexError:
-                    return None
-            else:
-                try:
-                    data = data.get(key)
-                except AttributeError:
-                    return None
-        return data
+        try:
+            return _walk_path(data, path)
+        except Exception as exc:
+            raise _render_error(source, exc) from exc
 
     return get
+
+
+def _walk_path(data: Any, path: tuple[str | int, ...]) -> Any:
+    for key in path:
+        if type(key) is int:
+            if not isinstance(data, list):
+                return None
+            try:
+                data = data[key]
+            except IndexError:
+                return None
+        else:
+            try:
+                data = data.get(key)
+            except AttributeError:
+                return None
+    return data
+
+
+# --- shaping records -----------------------------------------------------------------------
+
+
+def compile_shape(
+    fields: tuple[tuple[str, Expression], ...],
+) -> Callable[[Any], dict[str, Any]]:
+    """One function making `{name: expression.search(record), ...}` for a record.
+
+    When every expression is a plain path, it is generated as one function that reads plain
+    dicts inline (`r.get("a")`, then `.get("b")` when that is a dict); any other value takes
+    the expression's own getter, so the result is always the same as searching field by field.
+    Cached: flows compile their fields once, and so does this.
+    """
+    return _compile_shape(fields)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile_shape(
+    fields: tuple[tuple[str, Expression], ...],
+) -> Callable[[Any], dict[str, Any]]:
+    names = [name for name, _ in fields]
+    searches = [expression.search for _, expression in fields]
+    if len(set(names)) != len(names) or any(e.getter is None for _, e in fields):
+
+        def shape_each(record: Any) -> dict[str, Any]:
+            return {name: search(record) for name, search in zip(names, searches, strict=True)}
+
+        return shape_each
+    # Generated code names only local variables; keys and getters come in as arguments, so no
+    # value from the flow is ever pasted into source text.
+    namespace: dict[str, Any] = {"_dict": dict}
+    values = []
+    for i, (name, expression) in enumerate(fields):
+        path = expression.getter
+        assert path is not None
+        namespace[f"n{i}"] = name
+        namespace[f"s{i}"] = expression.search
+        if not path or not all(type(k) is str for k in path):
+            values.append(f"s{i}(r)")
+            continue
+        for j, key in enumerate(path):
+            namespace[f"k{i}_{j}"] = key
+        if len(path) == 1:
+            values.append(f"g(k{i}_0)")
+        else:
+            # First level inline; deeper levels (rare) through the expression's own getter.
+            rest = tuple(path[1:])
+            namespace[f"t{i}"] = _make_getter(expression.source, rest)
+            values.append(
+                f"(t{i}(v) if type(v := g(k{i}_0)) is not _dict else v.get(k{i}_1))"
+                if len(rest) == 1
+                else f"t{i}(g(k{i}_0))"
+            )
+    body = ", ".join(f"n{i}: {value}" for i, value in enumerate(values))
+    fallback = ", ".join(f"n{i}: s{i}(r)" for i in range(len(fields)))
+    source = (
+        "def shape(r):\n"
+        "    if type(r) is not _dict:\n"
+        f"        return {{{fallback}}}\n"
+        "    g = r.get\n"
+        f"    return {{{body}}}\n"
+    )
+    exec(compile(source, "<runner.expressions.compile_shape>", "exec"), namespace)
+    shape: Callable[[Any], dict[str, Any]] = namespace["shape"]
+    return shape

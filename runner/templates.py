@@ -383,7 +383,57 @@ def _compile_text(env: _Environment, tree: nodes.Template) -> Callable[[Mapping[
         # tracebacks; we merge into one dict ourselves and convert errors anyway.
         return join(root(new_context({**globals_, **scope}, True)))
 
-    return render_text
+    parts = None if env.autoescape else _text_parts(tree)
+    if parts is None:
+        return render_text
+    finalize = env.finalize
+    assert finalize is not None
+
+    def render_parts(scope: Mapping[str, Any]) -> str:
+        # `/items/{{ item }}`, `Bearer {{ auth.api.access_token }}`: literal text and lookups
+        # over plain dicts and lists need no Jinja. Anything else (a miss, another type, a
+        # value finalize refuses) renders through Jinja, which gives the same text or error.
+        out = []
+        for part in parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            name, keys = part
+            try:
+                value = scope[name]
+                for key in keys:
+                    if type(value) is dict:  # noqa: SIM114 (split so that mypy narrows key)
+                        value = value[key]
+                    elif type(value) is list and type(key) is int:
+                        value = value[key]
+                    else:
+                        return render_text(scope)
+                if type(value) not in _PLAIN_TYPES:
+                    return render_text(scope)
+                out.append(str(finalize(value)))
+            except Exception:
+                return render_text(scope)
+        return join(out)
+
+    return render_parts
+
+
+def _text_parts(tree: nodes.Template) -> list[str | tuple[str, tuple[str | int, ...]]] | None:
+    """A template made only of literal text and `{{ name.key[0] }}` lookups, as its parts;
+    None for anything else (filters, calls, tests, blocks, ...)."""
+    parts: list[str | tuple[str, tuple[str | int, ...]]] = []
+    for node in tree.body:
+        if not isinstance(node, nodes.Output):
+            return None
+        for child in node.nodes:
+            if isinstance(child, nodes.TemplateData):
+                parts.append(child.data)
+                continue
+            chain = _lookup_chain(child)
+            if chain is None:
+                return None
+            parts.append(chain)
+    return parts
 
 
 def _compile_expression(env: _Environment, expr: nodes.Expr) -> Callable[[Mapping[str, Any]], Any]:
