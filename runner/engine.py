@@ -92,6 +92,13 @@ class Sink:
         else:
             self._ops.append(("emit", stream, record))
 
+    def emit_many(self, stream: str, records: list[dict[str, Any]]) -> None:
+        """A page of records: written in one call at the root."""
+        if self.parent is None:
+            self.run.outputs.write_many(stream, records)
+        else:
+            self._ops.extend(("emit", stream, record) for record in records)
+
     def step_records(self, step_id: str, records: list[Any]) -> None:
         if self.parent is None:
             self.run.steps_scope[step_id]["records"].extend(records)
@@ -196,6 +203,7 @@ class FlowRun:
     clients: dict[str, ServiceClient] = field(default_factory=dict)
     auths: dict[tuple[str, str], ServiceAuth] = field(default_factory=dict)
     base_scope: dict[str, Any] = field(default_factory=dict)
+    _checked_origins: set[tuple[str, bool]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         for step in self.flow.all_steps():
@@ -521,6 +529,17 @@ class FlowRun:
         )
 
     def _check_scheme(self, url: str, allow_insecure: bool) -> None:
+        # Checked once per scheme://host[:port] prefix: the same few origins come back on
+        # every request.
+        scheme_end = url.find("://")
+        path_start = url.find("/", scheme_end + 3) if scheme_end >= 0 else -1
+        key = (url if path_start < 0 else url[:path_start], allow_insecure)
+        if key in self._checked_origins:
+            return
+        self._check_scheme_now(url, allow_insecure)
+        self._checked_origins.add(key)
+
+    def _check_scheme_now(self, url: str, allow_insecure: bool) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RunError(f"not an absolute http(s) URL: {self.redactor.redact(url)!r}")
@@ -932,13 +951,15 @@ class FlowRun:
         if step.filter is not None:
             keep = step.filter.search
             records = [r for r in records if truthy(keep(r))]
-        if step.fields is not None:
+        if step.shape is not None:
+            records = [step.shape(record) for record in records]
+        elif step.fields is not None:
             records = self._shape(step.fields, records, rscope)
         report.records += len(records)
         if step.emit:
-            emit = ctx.sink.emit
-            for record in records:
-                emit(step.emit, record if isinstance(record, dict) else {"value": record})
+            if step.fields is None:
+                records = [r if isinstance(r, dict) else {"value": r} for r in records]
+            ctx.sink.emit_many(step.emit, records)
         if step.keep_records:
             ctx.sink.step_records(step.id, records)
             local = ctx.steps.get(step.id)
@@ -949,10 +970,7 @@ class FlowRun:
     def _shape(
         self, fields: tuple[FieldSpec, ...], records: list[Any], rscope: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        plain = [(f.name, f.expression.search) for f in fields if f.expression is not None]
-        if len(plain) == len(fields):
-            # The common case: every field is JMESPath on the record.
-            return [{name: get(record) for name, get in plain} for record in records]
+        """Fields with templates: each record in a scope of its own (`record`)."""
         out = []
         for record in records:
             tscope = dict(rscope)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import json
 import mimetypes
@@ -152,6 +153,7 @@ _TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, 
 # ---------------------------------------------------------------- URLs and bodies
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 and localhost: the hosts where plain http:// is allowed."""
     host = host.strip("[]").lower().rstrip(".")
@@ -446,6 +448,9 @@ class SlidingWindow:
 def _ssl_context(tls: TlsOptions) -> ssl.SSLContext | bool:
     if not tls.verify:
         return False
+    if tls == TlsOptions():
+        # aiohttp's own verifying default context: building one costs ~20 ms per client.
+        return True
     try:
         context = ssl.create_default_context(cafile=tls.ca_file)
         if tls.client_cert:
@@ -565,8 +570,11 @@ class ServiceClient:
         timeout = self._timeouts.get(t)
         if timeout is None:
             # sock_read must be set: without it a server that stalls after headers hangs to total.
+            # `connect` goes to sock_connect only: aiohttp's own `connect` would add a timer to
+            # every request, reused connections included (the wait for a free connection is
+            # bounded by max_concurrency and `total` anyway).
             timeout = aiohttp.ClientTimeout(
-                total=t.total, connect=t.connect, sock_connect=t.connect, sock_read=t.read
+                total=t.total, sock_connect=t.connect, sock_read=t.read
             )
             self._timeouts[t] = timeout
         return timeout

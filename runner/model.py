@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from .decode import DEFAULT_MAX_BODY_BYTES, DecodeOptions
 from .errors import ExpressionError, FlowError, Problem
-from .expressions import Expression, compile_expression
+from .expressions import Expression, compile_expression, compile_shape
 from .http import RetryPolicy, Timeouts, TlsOptions
 from .loader import Document
 from .outputs import StreamSpec
@@ -160,6 +160,8 @@ class StepSpec:
     emit: str | None = None
     set: tuple[SetSpec, ...] = ()
     keep_records: bool = False  # some expression reads steps.<id>.records
+    # `fields` as one compiled function when every field is JMESPath on the record.
+    shape: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
 
     @property
     def is_block(self) -> bool:
@@ -625,4 +627,7 @@ def _mark_kept(step: StepSpec, referenced: set[str]) -> StepSpec:
     from dataclasses import replace
 
     inner = tuple(_mark_kept(s, referenced) for s in step.steps)
-    return replace(step, steps=inner, keep_records=step.id in referenced)
+    shape = None
+    if step.fields is not None and all(f.expression is not None for f in step.fields):
+        shape = compile_shape(tuple((f.name, f.expression) for f in step.fields if f.expression))
+    return replace(step, steps=inner, keep_records=step.id in referenced, shape=shape)
