@@ -543,8 +543,14 @@ class ServiceClient:
             # trust_env off: it would also add ~/.netrc credentials to any request without
             # an Authorization header (auth: none, a cross-origin hop) and fail one with it.
             # Proxies from the environment are applied by _proxy instead.
+            # Accept-Encoding: only what _read_body inflates (aiohttp would offer br and zstd);
+            # a request's own header still wins.
             self._session = aiohttp.ClientSession(
-                connector=connector, cookie_jar=jar, trust_env=False, auto_decompress=False
+                connector=connector,
+                cookie_jar=jar,
+                trust_env=False,
+                auto_decompress=False,
+                headers={"Accept-Encoding": _ACCEPT_ENCODING},
             )
         return self._session
 
@@ -573,9 +579,7 @@ class ServiceClient:
             # `connect` goes to sock_connect only: aiohttp's own `connect` would add a timer to
             # every request, reused connections included (the wait for a free connection is
             # bounded by max_concurrency and `total` anyway).
-            timeout = aiohttp.ClientTimeout(
-                total=t.total, sock_connect=t.connect, sock_read=t.read
-            )
+            timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
             self._timeouts[t] = timeout
         return timeout
 
@@ -742,7 +746,7 @@ class ServiceClient:
             async with session.request(
                 request.method,
                 url,
-                headers=_with_accept_encoding(request.headers),
+                headers=request.headers,
                 data=request.body,
                 cookies=request.cookies or None,
                 allow_redirects=False,
@@ -807,9 +811,14 @@ async def _read_body(
     A compressed stream that ends before its end marker raises ClientPayloadError, like any
     body cut short, so that it is retried.
     """
+    inflater = _inflater(resp.headers.get("Content-Encoding"), url, status)
+    length = resp.content_length
+    if inflater is None and length is not None and length <= max_body_bytes:
+        # A plain body of announced size within the limit: one read (aiohttp raises
+        # ClientPayloadError if it ends short of its Content-Length).
+        return await resp.read()
     limit = BodyLimit(max_body_bytes)
     chunks: list[bytes] = []
-    inflater = _inflater(resp.headers.get("Content-Encoding"), url, status)
     try:
         async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
             if inflater is None:
@@ -874,9 +883,3 @@ def _inflater(encoding: str | None, url: str, status: int) -> _Inflater | None:
     if wbits is None:
         raise DecodeError(f"unsupported Content-Encoding {encoding!r}", url=url, status=status)
     return _Inflater(wbits)
-
-
-def _with_accept_encoding(headers: dict[str, str]) -> dict[str, str]:
-    if any(name.lower() == "accept-encoding" for name in headers):
-        return headers
-    return {**headers, "Accept-Encoding": _ACCEPT_ENCODING}
