@@ -436,7 +436,7 @@ def _literal_insecure(url: Any) -> str | None:
     """The host of a literal http:// URL to a host that is not loopback, else None."""
     from urllib.parse import urlsplit
 
-    from runner.http import is_loopback
+    from runner.messages import is_loopback
 
     if not isinstance(url, str) or "{{" in url or "{%" in url:
         return None
