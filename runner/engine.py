@@ -355,42 +355,41 @@ class FlowRun:
         await self._run_items_concurrently(step, ctx, items)
 
     async def _run_items_concurrently(self, step: StepSpec, ctx: Context, items: list[Any]) -> None:
-        # At most `concurrency` items in flight, and at most twice that many finished but not yet
-        # flushed: memory stays bounded by the window, not by the number of items.
+        """`concurrency` workers take items in order; each item's effects are buffered and
+        flushed in input order. A worker waits while the oldest unflushed item is `window`
+        items behind: memory stays bounded by the window, not by the number of items."""
         window = step.concurrency * 2
         buffers: dict[int, Sink] = {}
-        done_items: set[int] = set()
-        running: dict[asyncio.Task[None], int] = {}
+        finished: set[int] = set()
         next_start = 0
         next_flush = 0
-        try:
-            while next_flush < len(items):
-                while (
-                    next_start < len(items)
-                    and len(running) < step.concurrency
-                    and next_start - next_flush < window
-                ):
-                    sink = Sink(self, ctx.sink)
-                    buffers[next_start] = sink
-                    task = asyncio.create_task(
-                        self.run_item(step, ctx, items[next_start], next_start, sink)
-                    )
-                    running[task] = next_start
-                    next_start += 1
-                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    index = running.pop(task)
-                    task.result()  # re-raises the item's failure
-                    done_items.add(index)
-                while next_flush in done_items:
+        progressed = asyncio.Event()
+
+        async def worker() -> None:
+            nonlocal next_start, next_flush
+            while next_start < len(items):
+                if next_start - next_flush >= window:
+                    progressed.clear()
+                    await progressed.wait()
+                    continue
+                index = next_start
+                next_start += 1
+                sink = buffers[index] = Sink(self, ctx.sink)
+                await self.run_item(step, ctx, items[index], index, sink)
+                finished.add(index)
+                while next_flush in finished:
+                    finished.discard(next_flush)
                     buffers.pop(next_flush).flush()
-                    done_items.discard(next_flush)
                     next_flush += 1
+                progressed.set()
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(step.concurrency, len(items)))]
+        try:
+            await asyncio.gather(*workers)
         finally:
-            for task in running:
+            for task in workers:
                 task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def run_item(
         self, step: StepSpec, ctx: Context, item: Any, index: int, sink: Sink
