@@ -756,10 +756,11 @@ class FlowRun:
             else:
                 action = rule.action
                 self._rule_effects(step, ctx, rule, rscope)
-            if response is not None:
-                ctx.sink.step_response(step.id, _response_dict(response))
+            if response is not None and step.referenced:
+                kept = _response_dict(response)
+                ctx.sink.step_response(step.id, kept)
                 if ctx.steps is not self.steps_scope and step.id in ctx.steps:
-                    ctx.steps[step.id]["response"] = _response_dict(response)
+                    ctx.steps[step.id]["response"] = kept
             if action != "retry":
                 break
             assert rule is not None
@@ -959,7 +960,7 @@ class FlowRun:
             if step.fields is None:
                 records = [r if isinstance(r, dict) else {"value": r} for r in records]
             ctx.sink.emit_many(step.emit, records)
-        if step.keep_records:
+        if step.referenced:
             ctx.sink.step_records(step.id, records)
             local = ctx.steps.get(step.id)
             if local is not None and ctx.steps is not self.steps_scope:

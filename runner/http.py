@@ -453,6 +453,7 @@ class ServiceClient:
         self._paused_until = float("-inf")
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+        self._checked_origins: set[str] = set()
         self._proxies: dict[str, ProxyInfo] | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -497,6 +498,17 @@ class ServiceClient:
         """Pauses every request of this service until `when` (on the client's monotonic clock)."""
         self._paused_until = max(self._paused_until, when)
 
+    def _check_scheme_once(self, request: PreparedRequest) -> None:
+        """The scheme rule, checked once per scheme://host:port: the same origins come back
+        on every request."""
+        url = request.url
+        scheme_end = url.find("://")
+        path_start = url.find("/", scheme_end + 3) if scheme_end >= 0 else -1
+        key = url if path_start < 0 else url[:path_start]
+        if key not in self._checked_origins:
+            _check_scheme(_full_url(request), url, self._allow_insecure_http)
+            self._checked_origins.add(key)
+
     def _client_timeout(self, t: Timeouts) -> aiohttp.ClientTimeout:
         timeout = self._timeouts.get(t)
         if timeout is None:
@@ -528,7 +540,7 @@ class ServiceClient:
         started = self._clock()
         attempt = first_attempt
         try:
-            _check_scheme(_full_url(request), request.url, self._allow_insecure_http)
+            self._check_scheme_once(request)
             can_retry = (
                 retry_unsafe
                 or request.method.upper() in IDEMPOTENT_METHODS

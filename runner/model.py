@@ -159,7 +159,9 @@ class StepSpec:
     fields: tuple[FieldSpec, ...] | None = None
     emit: str | None = None
     set: tuple[SetSpec, ...] = ()
-    keep_records: bool = False  # some expression reads steps.<id>.records
+    # Some expression reads steps.<id>: only then are its records, response and vars kept
+    # (the others stream straight to the writers, and memory stays flat).
+    referenced: bool = False
     # `fields` as one compiled function when every field is JMESPath on the record.
     shape: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
 
@@ -630,4 +632,4 @@ def _mark_kept(step: StepSpec, referenced: set[str]) -> StepSpec:
     shape = None
     if step.fields is not None and all(f.expression is not None for f in step.fields):
         shape = compile_shape(tuple((f.name, f.expression) for f in step.fields if f.expression))
-    return replace(step, steps=inner, keep_records=step.id in referenced, shape=shape)
+    return replace(step, steps=inner, referenced=step.id in referenced, shape=shape)

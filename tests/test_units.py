@@ -150,7 +150,7 @@ steps:
     assert a.retry == merge_retry(flow.services["api"].retry, {"initial_delay": 0.1})
     assert (a.retry.max_attempts, a.retry.initial_delay) == (6, 0.1)
     # Only steps that some expression reads keep their records in memory.
-    assert a.keep_records and not b.keep_records
+    assert a.referenced and not b.referenced
 
 
 def test_model_collects_secret_names() -> None:
