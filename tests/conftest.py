@@ -212,3 +212,43 @@ def server_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@dataclass
+class MeasuredRun:
+    code: int
+    stderr: str
+    peak_rss_kib: int
+    duration_s: float
+
+
+# A small parent process runs the CLI: a child's ru_maxrss starts at its parent's size at
+# fork (Linux keeps the pre-exec high-water mark), so measuring from the test process would
+# count pytest's own memory.
+_MEASURE = """\
+import os, subprocess, sys, time
+started = time.monotonic()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+sys.stderr.buffer.write(err)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.monotonic() - started)
+"""
+
+
+def run_cli_measured(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> MeasuredRun:
+    """The real CLI with its own peak RSS (KiB) and duration."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "runner.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    code, peak, duration = proc.stdout.split()
+    return MeasuredRun(int(code), proc.stderr, int(peak), float(duration))

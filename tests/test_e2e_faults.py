@@ -4,9 +4,6 @@ then hostile input (YAML tags, alias bombs, sandbox escapes, XML entities) at th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from tests.chaos_server import GOOD, build_chaos_app, closed_port, hits
-from tests.conftest import CliResult, ServerThread, read_jsonl
+from tests.conftest import CliResult, ServerThread, read_jsonl, run_cli_measured
 
 Serve = Callable[[web.Application], ServerThread]
 Cli = Callable[..., CliResult]
@@ -326,24 +323,6 @@ def test_connection_refused_is_retried_then_exit_69(
     assert summary["error"]["method"] == "GET"
 
 
-def _run_measured(args: list[str], cwd: Path) -> tuple[int, str, int, float]:
-    """Runs the CLI; returns its exit code, stderr, peak RSS (KiB, Linux) and duration."""
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    with proc.stderr:
-        stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, stderr, usage.ru_maxrss, time.monotonic() - started
-
-
 @pytest.mark.parametrize(
     ("path", "route"),
     [("/huge", "huge"), ("/bomb", "bomb")],
@@ -355,16 +334,14 @@ def test_oversized_body_fails_fast_with_bounded_memory(
     app = build_chaos_app()
     server = serve(app)
     write_flow(chaos_flow(server.url, path, max_body_bytes=MIB))
-    code, stderr, peak_kib, duration = _run_measured(
-        ["run", "flow.yaml", "--summary", "s.json"], tmp_path
-    )
-    assert code == 1, stderr
-    assert "response body exceeds max_body_bytes (1048576 bytes)" in stderr
-    assert "Traceback" not in stderr
+    run = run_cli_measured("run", "flow.yaml", "--summary", "s.json", cwd=tmp_path)
+    assert run.code == 1, run.stderr
+    assert "response body exceeds max_body_bytes (1048576 bytes)" in run.stderr
+    assert "Traceback" not in run.stderr
     assert hits(app, route) == 1  # a size limit is not a transient fault: no retry
-    assert duration < 10
-    # The interpreter and its imports take about 60 MiB; the 80 or 200 MB body must not.
-    assert peak_kib < 150 * 1024
+    assert run.duration_s < 10
+    # The interpreter and its imports take about 50 MiB; the 80 or 200 MB body must not.
+    assert run.peak_rss_kib < 100 * 1024, run.peak_rss_kib
     assert json.loads((tmp_path / "s.json").read_text())["error"]["kind"] == "decode"
 
 

@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import CliResult, ServerThread, free_port, read_jsonl, server_process
+from tests.conftest import (
+    CliResult,
+    ServerThread,
+    free_port,
+    read_jsonl,
+    run_cli_measured,
+    server_process,
+)
 
 Serve = Callable[[web.Application], ServerThread]
 Cli = Callable[..., CliResult]
@@ -824,48 +830,18 @@ steps:
     )
 
     def peak_rss_kib(pages: int) -> int:
-        # A fresh parent per run, so RUSAGE_CHILDREN holds this run's peak alone.
-        probe = (
-            "import resource, subprocess, sys\n"
-            "code = subprocess.run(sys.argv[1:]).returncode\n"
-            "assert code == 0, code\n"
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-        )
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                probe,
-                sys.executable,
-                "-m",
-                "runner.cli",
-                "run",
-                "flow.yaml",
-                "--input",
-                f"pages={pages}",
-                "--output-dir",
-                f"out{pages}",
-            ],
-            cwd=tmp_path,
-            env={**_clean_env(), "API": server.url},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
+        run = run_cli_measured(
+            "run", "flow.yaml", "--input", f"pages={pages}", "--output-dir", f"out{pages}",
+            cwd=tmp_path, env={"API": server.url},
+        )  # fmt: skip
+        assert run.code == 0, run.stderr
         assert (tmp_path / f"out{pages}" / "items.jsonl").read_bytes().count(b"\n") == pages * 500
-        return int(out.stdout.strip().splitlines()[-1])
+        return run.peak_rss_kib
 
     small = peak_rss_kib(50)
     large = peak_rss_kib(200)
     print(f"peak RSS: {small} KiB for 50 pages, {large} KiB for 200 pages")
     assert large - small < 15 * 1024, (small, large)
-
-
-def _clean_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
 
 
 # -- json-server (npm) ------------------------------------------------------------------------
