@@ -128,7 +128,7 @@ def parse_inputs(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import load_flow, run_flow
+    from .run import failure_before_run, load_flow, run_flow, write_summary
 
     redactor = Redactor()
     setup_logging(args.log_format, redactor, args.verbose)
@@ -143,7 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     except RunnerError as exc:
         if args.summary and not args.dry_run:
-            _write_early_summary(args.summary, flow_name, exc, redactor)
+            # The summary is written on every exit but --dry-run, so also for a bad flow or bad
+            # inputs found here, before run_flow starts.
+            write_summary(args.summary, failure_before_run(flow_name, exc, redactor))
         raise
     result = run_flow(
         flow,
@@ -158,22 +160,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         redactor=redactor,
     )
     return result.exit_code
-
-
-def _write_early_summary(path: str, flow_name: str, exc: RunnerError, redactor: Redactor) -> None:
-    """The summary is written on every exit but --dry-run (DESIGN), so also for a bad flow or
-    bad inputs found here, before run_flow starts."""
-    from .outputs import atomic_write
-    from .run import _summary, new_run_id
-
-    started = datetime.now(UTC)
-    data = _summary(
-        new_run_id(started), flow_name, "failed", exc.exit_code, started, 0.0, None, exc, redactor
-    )
-    try:
-        atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
-    except OSError as err:
-        log.error("cannot write the summary to %s: %s", path, err)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -234,10 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the flow JSON Schema")
     schema.set_defaults(handler=cmd_schema)
     return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

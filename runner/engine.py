@@ -9,12 +9,12 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from .auth import ServiceAuth
-from .decode import body_excerpt, decode_body, decode_lenient, json_dumps_line
+from .decode import body_excerpt, decode_body, decode_lenient
 from .errors import (
     DecodeError,
     ExpectError,
@@ -490,7 +490,7 @@ class FlowRun:
         elif spec.body_kind == "form":
             assert spec.body is not None
             body = _form_bytes(spec.body.render(scope))
-            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            _default_content_type(headers, "application/x-www-form-urlencoded")
         elif spec.body_kind == "multipart":
             assert spec.body is not None
             body, content_type = encode_multipart(spec.body.render(scope))
@@ -499,14 +499,14 @@ class FlowRun:
             assert spec.body is not None
             body = str(spec.body.render(scope)).encode("utf-8")
             ctype = spec.content_type.render(scope) if spec.content_type else "text/plain"
-            headers.setdefault("Content-Type", str(ctype))
+            _default_content_type(headers, str(ctype))
         elif spec.body_kind == "body_file":
             assert spec.body_template is not None and spec.body_file is not None
             body = str(spec.body_template.render(scope)).encode("utf-8")
             suffix = os.path.splitext(spec.body_file)[1].lower()
             default_type = CONTENT_TYPES.get(suffix, "text/plain")
             ctype = spec.content_type.render(scope) if spec.content_type else default_type
-            headers.setdefault("Content-Type", str(ctype))
+            _default_content_type(headers, str(ctype))
         # The page token goes where `paginate.in` says.
         location = step.paginate.location if step.paginate else "query"
         for param, value in pager.tokens():
@@ -518,7 +518,7 @@ class FlowRun:
                 json_body = _set_body_path(json_body, param, value)
         if spec.body_kind == "json" or (json_body is not None and spec.body_kind is None):
             body = json.dumps(json_body, ensure_ascii=False, separators=(",", ":")).encode()
-            headers.setdefault("Content-Type", "application/json")
+            _default_content_type(headers, "application/json")
         return PreparedRequest(
             method=spec.method,
             url=url,
@@ -1006,6 +1006,12 @@ def _header_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _default_content_type(headers: dict[str, str], value: str) -> None:
+    """Content-Type for the body, unless the flow's headers set one (in any letter case)."""
+    if not any(name.lower() == "content-type" for name in headers):
+        headers["Content-Type"] = value
+
+
 def _header_values(headers: Any) -> dict[str, str]:
     if not isinstance(headers, Mapping):
         raise RenderError(f"headers rendered to {_type_name(headers)}, not an object")
@@ -1042,11 +1048,3 @@ def _response_dict(response: Response) -> dict[str, Any]:
         "body": response.data,
         "url": response.url,
     }
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-def json_line(obj: Any) -> str:
-    return json_dumps_line(obj)

@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 import jsonschema
@@ -29,7 +28,6 @@ from .errors import (
     InterruptedRun,
     RunError,
     RunnerError,
-    SecurityError,
     UnavailableError,
     UsageError,
 )
@@ -230,11 +228,24 @@ def run_flow(
         redactor,
     )
     if summary:
-        try:
-            atomic_write(summary, (json.dumps(summary_data, indent=2) + "\n").encode())
-        except OSError as exc:
-            log.error("cannot write the summary to %s: %s", summary, exc)
+        write_summary(summary, summary_data)
     return RunResult(exit_code, status, summary_data)
+
+
+def write_summary(path: str, data: dict[str, Any]) -> None:
+    try:
+        atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+    except OSError as exc:
+        log.error("cannot write the summary to %s: %s", path, exc)
+
+
+def failure_before_run(flow_name: str, error: RunnerError, redactor: Redactor) -> dict[str, Any]:
+    """The summary of a run that failed before it started (a bad flow, bad inputs)."""
+    started = datetime.now(UTC)
+    return _summary(
+        new_run_id(started), flow_name, "failed", error.exit_code, started, 0.0, None, error,
+        redactor,
+    )  # fmt: skip
 
 
 def _run(
@@ -400,6 +411,3 @@ def _summary(
 
 
 __all__ = ["RunResult", "load_flow", "run_flow"]
-
-# Referenced for the type checker: the security error is raised by the engine and passes here.
-_ = (SecurityError, Path)

@@ -186,6 +186,36 @@ steps:
     assert got["/api/file"].body.decode().strip() == "<name>A &amp; B &lt;c&gt;</name>"
 
 
+def test_a_flow_content_type_in_any_case_wins(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    seen: list[list[str]] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        seen.append(request.headers.getall("Content-Type"))
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/api/x", capture)
+    server = serve(app)
+    write_flow(
+        HEADER
+        + """\
+steps:
+  - id: x
+    request:
+      service: api
+      method: POST
+      path: /x
+      headers: {content-type: application/vnd.api+json}
+      json: {a: 1}
+"""
+    )
+    result = cli("run", "flow.yaml", env={"API": server.url})
+    assert result.code == 0, result.stderr
+    assert seen == [["application/vnd.api+json"]]
+
+
 def test_path_encoding_raw_and_mixed_templates(
     serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
