@@ -334,13 +334,24 @@ def main() -> int:
                 lambda w: ([RUNNER, "validate", flow], None, lambda: 0),
                 0,
             )
+            # 200 flows of ~70 lines (the contacts example), for `runner validate` in CI.
+            many = work / "flows200"
+            many.mkdir(exist_ok=True)
+            example = (HERE.parent / "flows" / "contacts.yaml").read_text()
+            for index in range(200):
+                (many / f"flow{index:03}.yaml").write_text(example)
+            folder = Contender(
+                "runner validate, 200 flows",
+                lambda w: ([RUNNER, "validate", str(many)], None, lambda: 0),
+                0,
+            )
             bare = Contender("python -c pass", lambda w: ([PY, "-c", "pass"], None, lambda: 0), 0)
             n = 3 if args.quick else 10
             print(f"start-up: runner validate x{n}", file=sys.stderr)
-            rounds_of([start, bare], n, work, "startup")
-            rows = summarize([start, bare], "python -c pass")
+            rounds_of([start, folder, bare], n, work, "startup")
+            rows = summarize([start, folder, bare], "python -c pass")
             report["startup"] = {"rows": rows}
-            lines = ["### Start-up: `runner validate` of one flow", ""]
+            lines = ["### Start-up: `runner validate` of one flow, and of 200 flows", ""]
             for row in rows:
                 if "error" in row:
                     lines.append(f"- {row['name']}: failed: {row['error'][:200]}")

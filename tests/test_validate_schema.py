@@ -4,7 +4,6 @@ how flow files are found in folders."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -358,14 +357,12 @@ outputs:
 """
 
 
-def test_two_hundred_flows_validate_fast(tmp_path: Path) -> None:
-    """200 flows of about 60 lines: found, loaded and validated in well under 2 s."""
+def test_two_hundred_flows_in_a_folder_are_found_and_validated(tmp_path: Path) -> None:
+    """200 flows of about 60 lines (their timing is measured by `make bench`, start-up)."""
     assert 55 <= len(SIXTY_LINE_FLOW.splitlines()) <= 65
     for index in range(200):
         (tmp_path / f"flow{index:03}.yaml").write_text(SIXTY_LINE_FLOW)
-    validate_paths([str(tmp_path / "flow000.yaml")])  # the schema compiles once, outside
-    started = time.perf_counter()
+    (tmp_path / "flow007.yaml").write_text(SIXTY_LINE_FLOW.replace("method: PUT", "method: PTU"))
+    assert len(find_flow_files([str(tmp_path)])) == 200
     problems = validate_paths([str(tmp_path)])
-    elapsed = time.perf_counter() - started
-    assert problems == []
-    assert elapsed < 2.0, f"{elapsed:.2f} s"
+    assert [p.file.rsplit("/", 1)[-1] for p in problems] == ["flow007.yaml"]
