@@ -860,7 +860,11 @@ class FlowRun:
         status = response.status
         if rule is None:
             unavailable = is_unavailable_status(status)
-            default = "the service stayed unavailable" if unavailable else "unexpected status"
+            default = (
+                "the service stayed unavailable (try again later)"
+                if unavailable
+                else f"status {status} is not 2xx and no on_status rule matched it"
+            )
             cls = UnavailableError if unavailable else RunError
             return cls(
                 default,
