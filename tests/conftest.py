@@ -252,3 +252,25 @@ def run_cli_measured(
     )
     code, peak, duration = proc.stdout.split()
     return MeasuredRun(int(code), proc.stderr, int(peak), float(duration))
+
+
+# Types of the fixtures above, for the test modules' annotations.
+Serve = Callable[[web.Application], ServerThread]
+Cli = Callable[..., CliResult]
+WriteFlow = Callable[..., Path]
+
+
+def app_with(*routes: tuple[str, str, Any]) -> web.Application:
+    """An aiohttp app from (method, path, handler) triples."""
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    return app
+
+
+def summary_of(tmp_path: Path, name: str = "s.json") -> dict[str, Any]:
+    """The run summary written with `--summary s.json`."""
+    import json
+
+    data: dict[str, Any] = json.loads((tmp_path / name).read_text())
+    return data

@@ -11,17 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from tests.conftest import CliResult, ServerThread, read_jsonl
-
-Serve = Callable[[web.Application], ServerThread]
-Cli = Callable[..., CliResult]
+from tests.conftest import Cli, Serve, read_jsonl
 
 PAGE_SIZE = 250
 PAGES = 16

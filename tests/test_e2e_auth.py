@@ -21,11 +21,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import ROOT, CliResult, ServerThread, free_port, read_jsonl, server_process
-
-Serve = Callable[[web.Application], ServerThread]
-Cli = Callable[..., CliResult]
-WriteFlow = Callable[..., Path]
+from tests.conftest import (
+    ROOT,
+    Cli,
+    Serve,
+    WriteFlow,
+    free_port,
+    read_jsonl,
+    server_process,
+    summary_of,
+)
 
 CLIENT_ID = "cid"
 CLIENT_SECRET = "client-secret-1"
@@ -158,11 +163,6 @@ def api_app(api: Api) -> web.Application:
     app.router.add_get("/static/{kind}", static)
     app.router.add_get("/echo", echo)
     return app
-
-
-def summary_of(tmp_path: Path, name: str = "s.json") -> dict[str, Any]:
-    result: dict[str, Any] = json.loads((tmp_path / name).read_text())
-    return result
 
 
 def ids_flow(auth: str, items: int, concurrency: int, extra: str = "") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,13 @@ import pytest
 from aiohttp import web
 
 from tests.chaos_server import GOOD, build_chaos_app, closed_port, hits
-from tests.conftest import CliResult, ServerThread, read_jsonl, run_cli_measured
-
-Serve = Callable[[web.Application], ServerThread]
-Cli = Callable[..., CliResult]
-WriteFlow = Callable[..., Path]
+from tests.conftest import (
+    Cli,
+    Serve,
+    WriteFlow,
+    read_jsonl,
+    run_cli_measured,
+)
 
 MIB = 1024 * 1024
 

@@ -23,10 +23,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import ROOT, CliResult, ServerThread, read_jsonl
+from tests.conftest import ROOT, CliResult, Serve, ServerThread, read_jsonl
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Serve = Callable[[web.Application], ServerThread]
 
 SERVICE = """\
 services:

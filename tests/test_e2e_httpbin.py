@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import CliResult, free_port, read_jsonl, server_process
-
-Cli = Callable[..., CliResult]
-WriteFlow = Callable[..., Path]
+from tests.conftest import Cli, WriteFlow, free_port, read_jsonl, server_process
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +16,18 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import (
+    Cli,
     CliResult,
+    Serve,
     ServerThread,
+    WriteFlow,
+    app_with,
     free_port,
     read_jsonl,
     run_cli_measured,
     server_process,
+    summary_of,
 )
-
-Serve = Callable[[web.Application], ServerThread]
-Cli = Callable[..., CliResult]
-WriteFlow = Callable[..., Path]
 
 HEAD = """\
 version: 1
@@ -37,20 +38,8 @@ services:
 """
 
 
-def app_with(*routes: tuple[str, str, Any]) -> web.Application:
-    app = web.Application()
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-    return app
-
-
 def records(tmp_path: Path, stream: str = "items") -> list[Any]:
     return read_jsonl(tmp_path / "out" / f"{stream}.jsonl")
-
-
-def summary(tmp_path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((tmp_path / "s.json").read_text())
-    return data
 
 
 def run(cli: Cli, server: ServerThread, **env: str) -> CliResult:
@@ -96,7 +85,7 @@ steps:
     assert queries(server) == [
         {"status": ["open"], "page": [str(n)], "per_page": ["2"]} for n in (1, 2, 3)
     ]
-    s = summary(tmp_path)
+    s = summary_of(tmp_path)
     assert s["requests"] == 3 and s["records"] == {"items": 6}
 
 
@@ -364,7 +353,7 @@ steps:
     result = run(cli, server)
     assert result.code == 1
     assert "another origin" in result.stderr and "allow_cross_host" in result.stderr
-    s = summary(tmp_path)
+    s = summary_of(tmp_path)
     assert s["error"]["kind"] == "security" and s["error"]["step"] == "items"
     assert elsewhere.requests == []
     assert not (tmp_path / "out" / "items.jsonl").exists()
@@ -411,7 +400,7 @@ steps:
     assert records(tmp_path, "by_link") == expected
     assert records(tmp_path, "by_number") == expected
     # Ten pages each, and no request for an eleventh.
-    assert summary(tmp_path)["requests"] == 20
+    assert summary_of(tmp_path)["requests"] == 20
 
 
 # -- stops and loops -------------------------------------------------------------------------
@@ -442,7 +431,7 @@ steps:
     assert result.code == 1
     assert "pagination loop: the same cursor 'a' came twice" in result.stderr
     assert len(server.requests) == 3
-    assert summary(tmp_path)["error"]["step"] == "items"
+    assert summary_of(tmp_path)["error"]["step"] == "items"
 
 
 def test_same_next_url_twice_fails_the_step(
@@ -469,7 +458,7 @@ steps:
     assert result.code == 1
     assert f"the same next URL '{server.url}/p/2' came twice" in result.stderr
     assert server.paths() == ["/p/1", "/p/2"]
-    assert summary(tmp_path)["status"] == "failed"
+    assert summary_of(tmp_path)["status"] == "failed"
 
 
 def test_repeated_last_page_ends_with_a_warning(
@@ -497,7 +486,7 @@ steps:
     assert records(tmp_path) == ids(4)
     assert len(server.requests) == 3
     assert "page 3 repeated the previous page's records" in result.stderr
-    assert any("repeated" in w for w in summary(tmp_path)["warnings"])
+    assert any("repeated" in w for w in summary_of(tmp_path)["warnings"])
 
 
 def test_stop_when_skip_and_max_pages(
@@ -552,7 +541,7 @@ steps:
         ("/c", "3"),
         ("/c", "4"),
     ]
-    s = summary(tmp_path)
+    s = summary_of(tmp_path)
     assert s["skipped"] == {"b": 1}
     assert s["records"] == {"a": 4, "b": 4, "c": 4}
 
@@ -757,7 +746,7 @@ steps:
     later = [r.at - t429 for r in server.requests if r.at > t429 + 0.05]
     assert len(later) >= 6
     assert min(later) >= 0.95, later
-    s = summary(tmp_path)
+    s = summary_of(tmp_path)
     assert s["retries"] == 1 and s["status_counts"] == {"200": 8, "429": 1}
 
 

@@ -15,13 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import CliResult, ServerThread, read_jsonl
+from tests.conftest import Cli, Serve, WriteFlow, read_jsonl, summary_of
 
 Canned = tuple[int, str, bytes]  # status, content type, body
-
-Serve = Callable[[web.Application], ServerThread]
-Cli = Callable[..., CliResult]
-WriteFlow = Callable[..., Path]
 
 
 def make_app(
@@ -49,11 +45,6 @@ def make_app(
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     return app, raw_paths
-
-
-def summary_of(tmp_path: Path, name: str = "s.json") -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((tmp_path / name).read_text(encoding="utf-8"))
-    return data
 
 
 HEADER = """\

@@ -9,17 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import CliResult, ServerThread, read_jsonl
-
-Serve = Callable[[web.Application], ServerThread]
-Cli = Callable[..., CliResult]
-WriteFlow = Callable[..., Path]
+from tests.conftest import Cli, CliResult, Serve, ServerThread, WriteFlow, app_with, read_jsonl
 
 HEAD = """\
 version: 1
@@ -29,13 +24,6 @@ services:
     base_url: "{{ env.API }}"
     retry: {max_attempts: 2, initial_delay: 0.01}
 """
-
-
-def app_with(*routes: tuple[str, str, Any]) -> web.Application:
-    app = web.Application()
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-    return app
 
 
 def state_of(tmp_path: Path) -> dict[str, Any]:
