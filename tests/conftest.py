@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,18 @@ import pytest
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The event loops a run can use (RUNNER_EVENT_LOOP): tests of timing, faults, TLS and signals
+# run under both, since the default (uvloop when installed) is not the only one in use.
+EVENT_LOOPS = [
+    pytest.param(
+        "uvloop",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
+        ),
+    ),
+    "asyncio",
+]
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import Cli, Serve, read_jsonl
+from tests.conftest import EVENT_LOOPS, Cli, Serve, read_jsonl
 
 PAGE_SIZE = 250
 PAGES = 16
@@ -192,9 +193,10 @@ def test_sigkill_at_random_moments_never_corrupts_outputs_or_state(
         assert read_jsonl(out / f"{stream}.jsonl") == expected[stream]
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_sending_commits_nothing_and_exits_in_time(
-    sig: signal.Signals, code: int, serve: Serve, tmp_path: Path
+    sig: signal.Signals, code: int, event_loop: str, serve: Serve, tmp_path: Path
 ) -> None:
     server = serve(paged_app(page_delay=0, stall_page=3))
     (tmp_path / "flow.yaml").write_text(flow_text(server.url), encoding="utf-8")
@@ -212,6 +214,7 @@ def test_signal_stops_sending_commits_nothing_and_exits_in_time(
     proc = subprocess.Popen(
         [sys.executable, "-m", "runner.cli", *args],
         cwd=tmp_path,
+        env={**os.environ, "RUNNER_EVENT_LOOP": event_loop},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

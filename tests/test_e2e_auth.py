@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import (
+    EVENT_LOOPS,
     ROOT,
     Cli,
     Serve,
@@ -803,14 +804,21 @@ steps:
 """
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_tls_is_verified_by_default_and_ca_file_or_verify_false_make_it_pass(
-    serve: Serve, serve_tls: Any, certs: Certs, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    event_loop: str,
+    serve: Serve,
+    serve_tls: Any,
+    certs: Certs,
+    cli: Cli,
+    write_flow: WriteFlow,
+    tmp_path: Path,
 ) -> None:
     plain = serve(web.Application())
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certs.cert, certs.key)
     url = serve_tls(_tls_app(plain.url), context)
-    env = {"API": url}
+    env = {"API": url, "RUNNER_EVENT_LOOP": event_loop}
 
     write_flow(TLS_FLOW.replace("TLS", "tls: {}").replace("PATH", "/ok"))
     result = cli("run", "flow.yaml", "--summary", "s.json", env=env)

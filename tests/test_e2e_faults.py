@@ -14,6 +14,7 @@ from aiohttp import web
 
 from tests.chaos_server import GOOD, build_chaos_app, closed_port, hits
 from tests.conftest import (
+    EVENT_LOOPS,
     Cli,
     Serve,
     WriteFlow,
@@ -249,8 +250,11 @@ FAULTS = [
 ]
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
-def test_fault(fault: Fault, serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path) -> None:
+def test_fault(
+    fault: Fault, event_loop: str, serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
     app = build_chaos_app()
     server = serve(app)
     text = chaos_flow(
@@ -270,7 +274,7 @@ def test_fault(fault: Fault, serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_
         )
     write_flow(text)
     started = time.monotonic()
-    result = cli("run", "flow.yaml", "--summary", "s.json")
+    result = cli("run", "flow.yaml", "--summary", "s.json", env={"RUNNER_EVENT_LOOP": event_loop})
     duration = time.monotonic() - started
     summary = json.loads((tmp_path / "s.json").read_text())
 

@@ -907,6 +907,25 @@ steps:
     assert summary_of(tmp_path)["exit_code"] == 2
 
 
+
+def test_unknown_event_loop_is_a_usage_error_before_any_request(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    app, _ = make_app()
+    server = serve(app)
+    write_flow(HEADER + "steps:\n  - {id: a, request: {service: api, path: /a}}\n")
+    env = {"API": server.url, "RUNNER_EVENT_LOOP": "trio"}
+    result = cli("run", "flow.yaml", "--summary", "s.json", env=env)
+    assert result.code == 2
+    assert "RUNNER_EVENT_LOOP='trio': expected one of auto, uvloop, asyncio" in result.stderr
+    assert server.requests == []
+    assert summary_of(tmp_path)["exit_code"] == 2
+
+    result = cli("run", "flow.yaml", env={**env, "RUNNER_EVENT_LOOP": "asyncio"})
+    assert result.code == 0, result.stderr
+    assert len(server.requests) == 1
+
+
 # -- the Python API ----------------------------------------------------------------------------
 
 

@@ -168,3 +168,27 @@ steps:
         "flow.yaml",
     )
     assert build_flow(doc).secrets == {"API_TOKEN", "other-key"}
+
+
+def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from runner.errors import UsageError
+    from runner.run import loop_factory
+
+    assert loop_factory({"RUNNER_EVENT_LOOP": "asyncio"}) is None
+    with pytest.raises(UsageError, match="expected one of auto, uvloop, asyncio"):
+        loop_factory({"RUNNER_EVENT_LOOP": "fast"})
+    # Without uvloop: auto falls back to asyncio's loop, an explicit uvloop is refused.
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert loop_factory({}) is None
+    with pytest.raises(UsageError, match="uvloop is not installed"):
+        loop_factory({"RUNNER_EVENT_LOOP": "uvloop"})
+
+
+def test_event_loop_auto_is_uvloop_when_installed() -> None:
+    from runner.run import loop_factory
+
+    uvloop = pytest.importorskip("uvloop")
+    assert loop_factory({}) is uvloop.new_event_loop
+    assert loop_factory({"RUNNER_EVENT_LOOP": "uvloop"}) is uvloop.new_event_loop
