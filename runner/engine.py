@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -118,15 +118,17 @@ class Sink:
             self._ops.append(("vars", step_id, values))
 
     def flush(self) -> None:
-        assert self.parent is not None
-        replay: dict[str, Callable[[str, Any], None]] = {
-            "emit": self.parent.emit,
-            "records": self.parent.step_records,
-            "response": self.parent.step_response,
-            "vars": self.parent.step_vars,
-        }
+        parent = self.parent
+        assert parent is not None
         for op, key, value in self._ops:
-            replay[op](key, value)
+            if op == "emit":
+                parent.emit(key, value)
+            elif op == "records":
+                parent.step_records(key, value)
+            elif op == "response":
+                parent.step_response(key, value)
+            else:
+                parent.step_vars(key, value)
         self._ops.clear()
 
 
@@ -610,14 +612,16 @@ class FlowRun:
                 authorize=authorize,
             )
         finally:
-            self._refresh_auth_scope()
-        log.debug(
-            "%s %s -> %s (attempt %d)",
-            request.method,
-            self.redactor.redact(response.url),
-            response.status,
-            response.attempts,
-        )
+            if self.auths:
+                self._refresh_auth_scope()
+        if log.isEnabledFor(logging.DEBUG):  # redacting costs a regex pass per request
+            log.debug(
+                "%s %s -> %s (attempt %d)",
+                request.method,
+                self.redactor.redact(response.url),
+                response.status,
+                response.attempts,
+            )
         return response
 
     def _refresh_auth_scope(self) -> None:

@@ -672,7 +672,8 @@ class ServiceClient:
         timeouts: Timeouts,
         max_body_bytes: int,
     ) -> Response:
-        await self._wait_for_pause(retry)
+        if self._paused_until > self._clock():
+            await self._wait_for_pause(retry)
         window = self._window
         slot = await window.acquire() if window is not None else None
         url = _full_url(request)

@@ -94,9 +94,14 @@ def _finalize_path(value: Any) -> Any:
         return str.__str__(value)
     if value is None:
         raise _NullInPath("null value in path")
+    if type(value) is int:
+        return str(value)  # digits and "-": nothing to encode
     if isinstance(value, jinja2.Undefined):
         return value
-    return quote(_finalize_json(value), safe="")
+    text = _finalize_json(value)
+    if type(text) is str and text.isascii() and text.isalnum():
+        return text  # an id or a word: nothing to encode
+    return quote(text, safe="")
 
 
 # --- filters and globals -------------------------------------------------------------------

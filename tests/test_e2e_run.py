@@ -907,7 +907,6 @@ steps:
     assert summary_of(tmp_path)["exit_code"] == 2
 
 
-
 def test_unknown_event_loop_is_a_usage_error_before_any_request(
     serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
