@@ -96,13 +96,15 @@ def run_once(c: Contender, work: Path) -> None:
 # --- contenders ----------------------------------------------------------------------------
 
 
-def runner_contender(name: str, flow: str, base: str, expected: int) -> Contender:
+def runner_contender(
+    name: str, flow: str, base: str, expected: int, env: dict[str, str] | None = None
+) -> Contender:
     def make(work: Path) -> tuple[list[str], Path | None, Callable[[], int]]:
         out = work / "out"
         argv = [RUNNER, "run", str(HERE / "flows" / flow), "--output-dir", str(out)]
         return argv, None, lambda: count_lines(out / "items.jsonl")
 
-    return Contender(name, make, expected, env={"BENCH_URL": base})
+    return Contender(name, make, expected, env={"BENCH_URL": base, **(env or {})})
 
 
 def loop_contender(name: str, workload: str, base: str, expected: int, orjson: bool) -> Contender:
@@ -303,6 +305,14 @@ def main() -> int:
         if "fanout" in only:
             fan = [
                 runner_contender("runner", "fanout.yaml", fan_base, FANOUT_ITEMS),
+                # The same without uvloop: what the event loop is worth.
+                runner_contender(
+                    "runner, asyncio event loop",
+                    "fanout.yaml",
+                    fan_base,
+                    FANOUT_ITEMS,
+                    env={"RUNNER_EVENT_LOOP": "asyncio"},
+                ),
                 loop_contender("gather + semaphore", "fanout", fan_base, FANOUT_ITEMS, False),
                 loop_contender(
                     "gather + semaphore + orjson", "fanout", fan_base, FANOUT_ITEMS, True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -68,6 +69,23 @@ NEXT = "next"  # go on with the next step
 STOP = "stop"  # this step's pagination (or this item) ended by a `stop` action
 END = "end"  # the flow (or, inside an item, the item) finished successfully
 Outcome = str | Goto
+
+# Methods whose next page is requested while the current one is mapped: a page that then
+# fails to map leaves one request sent for nothing, harmless only for a safe method.
+PREFETCH_METHODS = frozenset({"GET", "HEAD"})
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A response's records as `records` selected them, before filter, fields and emit."""
+
+    count: int  # records the page held, before filter (what max_items counts)
+    records: list[Any] | None
+    rscope: dict[str, Any] | None
+    repeated: bool = False  # the same records as the previous page: pagination ends
+
+
+NO_PAGE = Page(0, None, None)
 
 
 # -- where a context's effects go ----------------------------------------------------------
@@ -418,25 +436,48 @@ class FlowRun:
         assert step.request is not None
         report = self.reports[step.id]
         pager = Pagination(step.paginate)
-        next_request: PreparedRequest | None = None
-        while True:
-            scope = self.scope(ctx, pager.scope())
-            if next_request is None:
-                request = await self.build_request(step, scope, pager)
-            else:
-                request = next_request
-            response, failure = await self.exchange(step, request, scope)
-            report.requests += 1
-            report.pages += 1
-            outcome, count = await self.handle(step, ctx, scope, request, response, failure, pager)
-            if outcome != "more":
-                return outcome
-            if not pager.advance(self._response_scope(scope, response, request), count):
-                if pager.cut_short:
-                    self._cut_short(step)
-                return NEXT
-            if pager.next_url is not None:
-                next_request = self._follow(step, request, pager.next_url)
+        scope = self.scope(ctx, pager.scope())
+        request = await self.build_request(step, scope, pager)
+        pending: asyncio.Future[tuple[Response | None, TransportError | None]] | None = None
+        try:
+            while True:
+                if pending is not None:
+                    response, failure = await pending
+                    pending = None
+                else:
+                    response, failure = await self.exchange(step, request, scope)
+                report.requests += 1
+                report.pages += 1
+                outcome, page = await self.handle(
+                    step, ctx, scope, request, response, failure, pager
+                )
+                more = outcome == "more" and pager.advance(
+                    self._response_scope(scope, response, request), page.count
+                )
+                if more:
+                    previous = request
+                    scope = self.scope(ctx, pager.scope())
+                    if pager.next_url is not None:
+                        request = self._follow(step, previous, pager.next_url)
+                    else:
+                        request = await self.build_request(step, scope, pager)
+                    if request.method in PREFETCH_METHODS:
+                        # The next page is on its way while this one is mapped and written:
+                        # still one request at a time, the server works while we do.
+                        pending = asyncio.ensure_future(self.exchange(step, request, scope))
+                        await asyncio.sleep(0)  # let it reach the socket
+                self._deliver(step, ctx, page)
+                if not more:
+                    if outcome == "more":
+                        if pager.cut_short:
+                            self._cut_short(step)
+                        return NEXT
+                    return outcome
+        finally:
+            if pending is not None:  # this page failed to map, or the run was cancelled
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
 
     def _follow(self, step: StepSpec, previous: PreparedRequest, url: str) -> PreparedRequest:
         """The request for a next URL: same method, body, headers and auth; the URL as given."""
@@ -745,9 +786,9 @@ class FlowRun:
         response: Response | None,
         failure: TransportError | None,
         pager: Pagination,
-    ) -> tuple[Outcome, int]:
-        """Apply the rules to the final response; returns ("more", record count) when the
-        pagination may go on, else the outcome for the step."""
+    ) -> tuple[Outcome, Page]:
+        """Apply the rules to the final response; returns "more" when the pagination may go
+        on, else the outcome for the step; and the page's records, selected but not mapped."""
         report = self.reports[step.id]
         while True:
             rscope = self._response_scope(scope, response, request)
@@ -775,29 +816,29 @@ class FlowRun:
             raise self._failure(step, rule, rscope, request, response, failure)
         if action == "goto":
             assert rule is not None and rule.goto is not None
-            return Goto(rule.goto), 0
+            return Goto(rule.goto), NO_PAGE
         if action == "stop":
-            return STOP, 0
+            return STOP, NO_PAGE
         if action == "skip":
             report.skipped += 1
-            return NEXT, 0
-        # ok and end: expect, set, map, stop_when.
+            return NEXT, NO_PAGE
+        # ok and end: expect, set, select (mapped by the caller), stop_when.
         self._check_expect(step, rscope, request, response)
         self._apply_set(step, ctx, step.set, rscope)
-        count, selected = self._map(step, ctx, rscope, pager)
+        page = self._select(step, rscope, pager)
         if action == "end":
-            return END, count
+            return END, page
         if step.paginate is None:
-            return NEXT, count
-        if selected is _REPEATED:
+            return NEXT, page
+        if page.repeated:
             self.warn(
                 f"step '{step.id}': page {pager.pages + 1} repeated the previous page's records; "
                 "pagination ended"
             )
-            return NEXT, count
+            return NEXT, page
         if step.paginate.stop_when is not None and truthy(step.paginate.stop_when.search(rscope)):
-            return NEXT, count
-        return "more", count
+            return NEXT, page
+        return "more", page
 
     async def _retry(
         self,
@@ -939,31 +980,36 @@ class FlowRun:
         assert spec.template is not None
         return spec.template.render(scope)
 
-    def _map(
-        self, step: StepSpec, ctx: Context, rscope: dict[str, Any], pager: Pagination
-    ) -> tuple[int, Any]:
-        """Select, filter, shape and emit this response's records; returns the count before
-        filter, and what `records` selected."""
+    def _select(self, step: StepSpec, rscope: dict[str, Any], pager: Pagination) -> Page:
+        """What `records` selects from an ok response (the next page may be requested before
+        these are mapped)."""
         report = self.reports[step.id]
         report.ok_responses += 1
         if step.records is None:
-            return 0, None
+            return NO_PAGE
         selected = step.records.search(rscope)
         if selected is None:
-            return 0, None
+            return NO_PAGE
         report.ok_with_records += 1
         records = selected if isinstance(selected, list) else [selected]
         if pager.repeats(records):
-            return 0, _REPEATED
-        count = len(records)
+            return Page(0, None, rscope, repeated=True)
+        return Page(len(records), records, rscope)
+
+    def _deliver(self, step: StepSpec, ctx: Context, page: Page) -> None:
+        """Filter, shape and emit a page's records; keep them for `steps.<id>.records`."""
+        records = page.records
+        if records is None:
+            return
         if step.filter is not None:
             keep = step.filter.search
             records = [r for r in records if truthy(keep(r))]
         if step.shape is not None:
             records = [step.shape(record) for record in records]
         elif step.fields is not None:
-            records = self._shape(step.fields, records, rscope)
-        report.records += len(records)
+            assert page.rscope is not None
+            records = self._shape(step.fields, records, page.rscope)
+        self.reports[step.id].records += len(records)
         if step.emit:
             if step.fields is None:
                 records = [r if isinstance(r, dict) else {"value": r} for r in records]
@@ -973,7 +1019,6 @@ class FlowRun:
             local = ctx.steps.get(step.id)
             if local is not None and ctx.steps is not self.steps_scope:
                 local["records"].extend(records)
-        return count, selected
 
     def _shape(
         self, fields: tuple[FieldSpec, ...], records: list[Any], rscope: dict[str, Any]
@@ -985,9 +1030,6 @@ class FlowRun:
             tscope["record"] = record
             out.append({f.name: self._field(f, record, tscope) for f in fields})
         return out
-
-
-_REPEATED = object()
 
 
 def _type_name(value: Any) -> str:

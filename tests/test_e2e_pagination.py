@@ -592,6 +592,42 @@ class InFlight:
             self.now -= 1
 
 
+@pytest.mark.parametrize(("method", "sent"), [("GET", ["1", "2", "3"]), ("POST", ["1", "2"])])
+def test_next_page_is_on_its_way_while_a_page_is_mapped_one_request_at_a_time(
+    method: str, sent: list[str], serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    in_flight = InFlight()
+
+    async def items(request: web.Request) -> web.Response:
+        await in_flight.hold(0.05)
+        page = int(request.query["page"])
+        # Page 2's records lack `meta`: its fields fail to render, after page 3 was asked for.
+        data = [{"id": page, "meta": {"label": "x"}} if page != 2 else {"id": page}]
+        return web.json_response({"data": data})
+
+    server = serve(app_with((method, "/items", items)))
+    write_flow(
+        HEAD
+        + f"""
+steps:
+  - id: items
+    request: {{service: api, method: {method}, path: /items}}
+    paginate: {{type: page_number, max_pages: 10}}
+    records: body.data
+    fields: {{id: id, label: "{{{{ record.meta.label }}}}"}}
+    emit: items
+"""
+    )
+    result = run(cli, server)
+    assert result.code == 1
+    assert "meta" in result.stderr and "Traceback" not in result.stderr
+    # GET: page 3 was sent while page 2 was mapped (and dropped when that failed); a POST
+    # waits for its page to be mapped, so a failure never leaves one sent for nothing.
+    assert [q["page"][0] for q in queries(server)] == sent
+    assert in_flight.peak == 1
+    assert not (tmp_path / "out" / "items.jsonl").exists()
+
+
 def test_for_each_concurrency_keeps_input_order(
     serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
