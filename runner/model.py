@@ -29,6 +29,8 @@ ALL_SCOPE = BASE_SCOPE | ITEM_SCOPE | PAGE_SCOPE | RESPONSE_SCOPE | {"record"}
 ACTIONS = ("ok", "skip", "stop", "retry", "fail", "goto", "end")
 BODY_KEYS = ("json", "form", "multipart", "body", "body_file")
 DEFAULT_MAX_VISITS = 100
+# The inputs schema of a flow without `inputs`: any mapping (read-only, shared).
+NO_INPUTS: Mapping[str, Any] = {"type": "object"}
 
 _SECRET_REF = re.compile(
     r"""secrets\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*(?:'([^']*)'|"([^"]*)")\s*\])"""
@@ -615,7 +617,7 @@ def build_flow(doc: Document) -> Flow:
         file=doc.file,
         name=str(data.get("name") or Path(doc.file).stem),
         description=str(data.get("description") or ""),
-        inputs_schema=data.get("inputs") or {"type": "object"},
+        inputs_schema=data.get("inputs") or NO_INPUTS,
         services=services,
         steps=steps,
         outputs=outputs,

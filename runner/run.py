@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import jsonschema
-
 from .dryrun import STATIC_NAMES, show_dry_run
 from .engine import FlowRun, RunInfo
 from .errors import (
@@ -33,7 +31,7 @@ from .errors import (
 )
 from .http import is_loopback
 from .loader import load_document
-from .model import Flow, build_flow
+from .model import NO_INPUTS, Flow, build_flow
 from .outputs import FileOutputs, Outputs, StateStore, StdoutOutputs, atomic_write
 from .redact import Redactor
 from .secrets import Secrets
@@ -88,6 +86,10 @@ def apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
 
 
 def prepare_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if flow.inputs_schema == NO_INPUTS:
+        return dict(inputs or {})  # any mapping is valid: no need to import jsonschema
+    import jsonschema
+
     values = apply_defaults(flow.inputs_schema, dict(inputs or {}))
     validator = jsonschema.Draft202012Validator(flow.inputs_schema)
     errors = sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path))

@@ -17,7 +17,7 @@ from runner.decode import FORMATS, DecodeOptions, decode_body, decode_lenient
 from runner.errors import RunnerError
 from runner.loader import load_text
 from runner.model import build_flow
-from runner.validate import validate_document
+from runner.validate import _fast_check, _flow_validator, validate_document
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOW_TEXTS = sorted((ROOT / "flows").glob("*.yaml"))
@@ -170,6 +170,22 @@ def mutated_flow_data(draw: st.DrawFn) -> str:
 @given(mutated_flow_data())
 def test_mutated_flow_structure(text: str) -> None:
     check_flow_text(text)
+
+
+@FUZZ
+@given(mutated_flow_data())
+def test_fast_schema_check_agrees_with_jsonschema(text: str) -> None:
+    """jsonschema-rs says "valid" exactly when jsonschema finds no problem: a valid flow is
+    then never checked by jsonschema, and an invalid one always gets its worded problems."""
+    fast = _fast_check("flow")
+    if fast is None:
+        pytest.skip("jsonschema-rs is not installed")
+    try:
+        data = load_text(text, "fuzz.yaml").data
+    except RunnerError:
+        return
+    if isinstance(data, dict):
+        assert fast(data) == (next(_flow_validator().iter_errors(data), None) is None)
 
 
 @pytest.mark.parametrize("flow", FLOW_TEXTS, ids=[p.name for p in FLOW_TEXTS])

@@ -4,6 +4,8 @@ how flow files are found in folders."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import pytest
 from runner.errors import FlowError, Problem, UsageError
 from runner.loader import load_document, load_text
 from runner.validate import (
+    _fast_check,
+    _flow_validator,
     apply_services_override,
     find_flow_files,
     format_problems,
@@ -47,6 +51,39 @@ def test_invalid_flow(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     problems = validate_paths([f"{name}.yaml"])
     assert format_problems(problems, "text").splitlines() == expected
     assert any(p.severity == "error" for p in problems)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_fast_check_and_jsonschema_agree_on_every_case(name: str) -> None:
+    fast = _fast_check("flow")
+    if fast is None:
+        pytest.skip("jsonschema-rs is not installed")
+    try:
+        data = load_document(str(CASES / f"{name}.yaml")).data
+    except FlowError:
+        return  # refused by the loader, before any schema
+    if isinstance(data, dict):
+        assert fast(data) == (next(_flow_validator().iter_errors(data), None) is None)
+
+
+def test_a_valid_flow_is_loaded_without_importing_jsonschema(tmp_path: Path) -> None:
+    if _fast_check("flow") is None:
+        pytest.skip("jsonschema-rs is not installed")
+    flow = tmp_path / "good.yaml"
+    flow.write_text(GOOD_FLOW)
+    probe = f"""
+import sys, runner
+runner.load_flow({str(flow)!r})
+print("jsonschema" in sys.modules)
+try:
+    runner.load_flow({str(CASES / "misspelt_key.yaml")!r})
+except runner.FlowError as exc:
+    print("jsonschema" in sys.modules, exc.problems[0].message)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "False"  # ~30 ms of start-up saved
+    assert lines[1].startswith("True unknown key")  # imported to word the problem
 
 
 def test_valid_flow_has_no_problems(tmp_path: Path) -> None:
