@@ -1,5 +1,8 @@
-"""The sandboxed Jinja environment: typed single expressions, JSON rendering of non-strings,
-percent-encoded path values, and the project's filters. Compile once, render many times."""
+"""Templates: typed single expressions, JSON rendering of non-strings, percent-encoded path
+values, and the project's filters. Compile once, render many times.
+
+Literal text with `{{ name.key[0] }}` lookups is parsed and rendered here, without Jinja;
+anything else, and any lookup that misses, goes to the sandboxed Jinja of `sandbox`."""
 
 from __future__ import annotations
 
@@ -8,20 +11,20 @@ import functools
 import hashlib
 import hmac
 import json
+import re
+import sys
 import uuid
 from collections.abc import Callable, Iterator, KeysView, Mapping, Set, ValuesView
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
-
-import jinja2
-from jinja2 import meta, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from markupsafe import Markup
 
 from runner.errors import ExpressionError, RenderError
 from runner.expressions import format_datetime, to_epoch
+
+if TYPE_CHECKING:
+    from markupsafe import Markup
 
 __all__ = [
     "CompiledValue",
@@ -35,6 +38,15 @@ __all__ = [
 
 Mode = Literal["value", "text", "path"]
 _MODES = ("value", "text", "path")
+Renderer = Callable[[Mapping[str, Any]], Any]
+# Literal text, and lookups as (root name, keys): `/items/{{ item.id }}`.
+Parts = list[str | tuple[str, tuple[str | int, ...]]]
+
+
+def _is_undefined(value: Any) -> bool:
+    """A Jinja undefined value (none can exist before Jinja is imported)."""
+    jinja2 = sys.modules.get("jinja2")
+    return jinja2 is not None and isinstance(value, jinja2.Undefined)
 
 
 def is_template(source: str) -> bool:
@@ -46,7 +58,7 @@ def is_template(source: str) -> bool:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, jinja2.Undefined):
+    if _is_undefined(value):
         value._fail_with_undefined_error()
     if isinstance(value, Iterator | range | tuple | Set | KeysView | ValuesView):
         return list(value)
@@ -60,7 +72,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
 
 
-def _finalize_json(value: Any) -> Any:
+def finalize_json(value: Any) -> Any:
     """Strings as they are, everything else as JSON: `n={{ flag }}` gives `n=true`."""
     if isinstance(value, str):
         return value
@@ -72,7 +84,7 @@ def _finalize_json(value: Any) -> Any:
         return "false"
     if type(value) is int:
         return str(value)
-    if isinstance(value, jinja2.Undefined):
+    if _is_undefined(value):
         # str() of a StrictUndefined raises the "is undefined" error we want.
         return value
     return _dumps(value)
@@ -88,7 +100,7 @@ class _NullInPath(ValueError):
     pass
 
 
-def _finalize_path(value: Any) -> Any:
+def finalize_path(value: Any) -> Any:
     """Every interpolated value is one path segment: only unreserved characters stay as is."""
     if type(value) is RawPath:
         return str.__str__(value)
@@ -96,9 +108,9 @@ def _finalize_path(value: Any) -> Any:
         raise _NullInPath("null value in path")
     if type(value) is int:
         return str(value)  # digits and "-": nothing to encode
-    if isinstance(value, jinja2.Undefined):
+    if _is_undefined(value):
         return value
-    text = _finalize_json(value)
+    text = finalize_json(value)
     if type(text) is str and text.isascii() and text.isalnum():
         return text  # an id or a word: nothing to encode
     return quote(text, safe="")
@@ -113,7 +125,7 @@ def _as_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     # str() of an undefined value raises its "is undefined" error.
-    return str(_finalize_json(value))
+    return str(finalize_json(value))
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -175,6 +187,8 @@ def filter_hmac_sha256(value: Any, key: Any) -> str:
 
 
 def filter_xml_escape(value: Any) -> Markup:
+    from markupsafe import Markup
+
     """Escapes `& < > " '` for XML text and attributes. `{{ "a<b" | xml_escape }}` -> `a&lt;b`
 
     Marked safe, so an autoescaping body_file does not escape it twice.
@@ -239,39 +253,7 @@ FILTERS: dict[str, Callable[..., Any]] = {
 GLOBALS: dict[str, Callable[..., Any]] = {"now": global_now, "uuid4": global_uuid4}
 
 
-# --- the environments ----------------------------------------------------------------------
-
-
-class _Environment(ImmutableSandboxedEnvironment):
-    """The sandbox, where `body.items` reads the key `items` of a mapping, not `dict.items`."""
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        if type(obj) is dict or isinstance(obj, Mapping):
-            try:
-                return obj[attribute]
-            except (KeyError, TypeError):
-                pass
-        return super().getattr(obj, attribute)
-
-
-def _make_environment(finalize: Callable[[Any], Any], autoescape: bool) -> _Environment:
-    env = _Environment(
-        undefined=jinja2.StrictUndefined,
-        autoescape=autoescape,
-        finalize=finalize,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(FILTERS)
-    env.globals.update(GLOBALS)
-    return env
-
-
-_ENV = _make_environment(_finalize_json, autoescape=False)
-_ENV_ESCAPE = _make_environment(_finalize_json, autoescape=True)
-_ENV_PATH = _make_environment(_finalize_path, autoescape=False)
-_GLOBAL_NAMES = frozenset(_ENV.globals)
-
-_PLAIN_TYPES = frozenset({str, int, float, bool, list, dict, type(None)})
+PLAIN_TYPES = frozenset({str, int, float, bool, list, dict, type(None)})
 
 
 # --- compiled templates --------------------------------------------------------------------
@@ -297,7 +279,9 @@ class Template:
 
 
 def _describe(exc: Exception) -> str:
-    if isinstance(exc, jinja2.TemplateError | ValueError) and str(exc):
+    jinja2 = sys.modules.get("jinja2")
+    worded = (ValueError,) if jinja2 is None else (ValueError, jinja2.TemplateError)
+    if isinstance(exc, worded) and str(exc):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -318,86 +302,115 @@ def _compile_template(source: str, mode: Mode, autoescape: bool) -> Template:
         raise ValueError(f"unknown template mode {mode!r}")
     if not is_template(source):
         return Template(source, frozenset(), frozenset(), True)
-    if mode == "path":
-        if autoescape:
-            raise ValueError("autoescape applies to text templates only")
-        env = _ENV_PATH
-    else:
-        env = _ENV_ESCAPE if autoescape else _ENV
-    try:
-        tree = env.parse(source)
-        names = frozenset(meta.find_undeclared_variables(tree)) - _GLOBAL_NAMES
-        step_refs = frozenset(_step_refs(tree))
-        expr = _lone_expression(tree) if mode == "value" else None
-        fn = _compile_expression(env, expr) if expr is not None else _compile_text(env, tree)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ExpressionError(_syntax_message(source, exc)) from exc
+    if mode == "path" and autoescape:
+        raise ValueError("autoescape applies to text templates only")
+    parts = None if autoescape else simple_parts(source)
+    if parts is not None:
+        return _simple_template(source, mode, parts)
+    from runner.sandbox import compile_jinja
+
+    names, step_refs, fn = compile_jinja(source, mode, autoescape)
     return Template(source, names, step_refs, False, fn)
 
 
-def _syntax_message(source: str, exc: jinja2.TemplateSyntaxError) -> str:
-    lines = source.splitlines()
-    lineno = exc.lineno or 1
-    shown = lines[lineno - 1].strip() if 0 < lineno <= len(lines) else source
-    if len(shown) > 200:
-        shown = shown[:200] + "..."
-    return f"Jinja: {exc.message} (line {lineno}): {shown}"
+# --- the fast path: literal text and lookups, without Jinja ----------------------------------
+
+# Jinja's own globals and ours: a lookup rooted at one of them goes to Jinja.
+_JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace"})
+# Words Jinja reads as constants or operators, not as names.
+_JINJA_WORDS = frozenset(
+    {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if", "else"}
+)
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_KEY = rf"""\.{_NAME}|\[(?:0|[1-9][0-9]*)\]|\['[^'\\\r\n]*'\]|\["[^"\\\r\n]*"\]"""
+_LOOKUP = re.compile(rf"\{{\{{\s*({_NAME}(?:{_KEY})*)\s*\}}\}}")
+_KEY_PARTS = re.compile(
+    rf"""\.({_NAME})|\[(0|[1-9][0-9]*)\]|\['([^'\\\r\n]*)'\]|\["([^"\\\r\n]*)"\]"""
+)
+_ROOT = re.compile(_NAME)
+_NEWLINES = re.compile(r"\r\n|\r")
 
 
-def _step_refs(tree: nodes.Template) -> set[str]:
-    refs = set()
-    for attr in tree.find_all(nodes.Getattr):
-        if isinstance(attr.node, nodes.Name) and attr.node.name == "steps":
-            refs.add(attr.attr)
-    for item in tree.find_all(nodes.Getitem):
-        if (
-            isinstance(item.node, nodes.Name)
-            and item.node.name == "steps"
-            and isinstance(item.arg, nodes.Const)
-            and isinstance(item.arg.value, str)
-        ):
-            refs.add(item.arg.value)
-    return refs
-
-
-def _lone_expression(tree: nodes.Template) -> nodes.Expr | None:
-    """The expression of a template that is exactly one `{{ expr }}`, whitespace around."""
-    if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
+def simple_parts(source: str) -> Parts | None:
+    """`source` as literal text and `{{ name.key['k'][0] }}` lookups, exactly as Jinja parses
+    it; None for anything else (filters, operators, calls, blocks, comments, whitespace
+    control, Jinja's constants and globals)."""
+    if "{%" in source or "{#" in source:
         return None
-    found: nodes.Expr | None = None
-    for child in tree.body[0].nodes:
-        if isinstance(child, nodes.TemplateData):
-            if child.data.strip():
-                return None
-        elif found is not None:
+    parts: Parts = []
+    position = 0
+    for match in _LOOKUP.finditer(source):
+        if source.find("{{", position) != match.start():
+            return None  # a `{{` the pattern did not take, before this one
+        if match.start() > position:
+            parts.append(_NEWLINES.sub("\n", source[position : match.start()]))
+        lookup = _lookup(match.group(1))
+        if lookup is None:
             return None
+        parts.append(lookup)
+        position = match.end()
+    if "{{" in source[position:]:
+        return None
+    if position < len(source):
+        parts.append(_NEWLINES.sub("\n", source[position:]))
+    return parts
+
+
+def _lookup(text: str) -> tuple[str, tuple[str | int, ...]] | None:
+    root = _ROOT.match(text)
+    assert root is not None
+    name = root.group()
+    if name in _JINJA_WORDS or name in _JINJA_GLOBALS or name in GLOBALS:
+        return None
+    keys: list[str | int] = []
+    for attr, index, single, double in _KEY_PARTS.findall(text, root.end()):
+        if attr:
+            if attr in _JINJA_WORDS:
+                return None
+            keys.append(attr)
+        elif index:
+            keys.append(int(index))
         else:
-            found = child
-    return found
+            keys.append(single or double)
+    return name, tuple(keys)
 
 
-def _compile_text(env: _Environment, tree: nodes.Template) -> Callable[[Mapping[str, Any]], Any]:
-    template = env.from_string(tree)
-    root = template.root_render_func
-    new_context = template.new_context
-    globals_ = dict(template.globals)
+def _simple_template(source: str, mode: Mode, parts: Parts) -> Template:
+    lookups = [p for p in parts if not isinstance(p, str)]
+    names = frozenset(name for name, _ in lookups)
+    step_refs = frozenset(
+        keys[0] for name, keys in lookups if name == "steps" and keys and isinstance(keys[0], str)
+    )
+    fallback = functools.partial(_jinja_renderer, source, mode)
+    lone = mode == "value" and len(lookups) == 1
+    if lone and all(p.strip() == "" for p in parts if isinstance(p, str)):
+        fn = lookup_renderer(*lookups[0], fallback)
+    else:
+        fn = parts_renderer(parts, finalize_path if mode == "path" else finalize_json, fallback)
+    return Template(source, names, step_refs, False, fn)
+
+
+def _jinja_renderer(source: str, mode: Mode) -> Renderer:
+    from runner.sandbox import compile_jinja
+
+    return compile_jinja(source, mode, False)[2]
+
+
+def parts_renderer(
+    parts: Parts, finalize: Callable[[Any], Any], fallback: Callable[[], Renderer]
+) -> Renderer:
+    """Renders literal text and lookups over plain dicts and lists; anything else (a miss,
+    another type, a value finalize refuses) renders through `fallback()`, compiled on first
+    need, which gives the same text or error."""
+    slow: list[Renderer] = []
     join = "".join
 
-    def render_text(scope: Mapping[str, Any]) -> str:
-        # Template.render would copy the scope through a slow ChainMap of globals and rewrite
-        # tracebacks; we merge into one dict ourselves and convert errors anyway.
-        return join(root(new_context({**globals_, **scope}, True)))
+    def render_slowly(scope: Mapping[str, Any]) -> Any:
+        if not slow:
+            slow.append(fallback())
+        return slow[0](scope)
 
-    parts = None if env.autoescape else _text_parts(tree)
-    if parts is None:
-        return render_text
-    finalize = env.finalize
-    assert finalize is not None
-
-    def render_parts(scope: Mapping[str, Any]) -> str:
-        # `/items/{{ item }}`, `Bearer {{ auth.api.access_token }}`: literal text and lookups
-        # over plain dicts and lists need no Jinja. Anything else (a miss, another type, a
-        # value finalize refuses) renders through Jinja, which gives the same text or error.
+    def render_parts(scope: Mapping[str, Any]) -> Any:
         out = []
         for part in parts:
             if isinstance(part, str):
@@ -412,65 +425,30 @@ def _compile_text(env: _Environment, tree: nodes.Template) -> Callable[[Mapping[
                     elif type(value) is list and type(key) is int:
                         value = value[key]
                     else:
-                        return render_text(scope)
-                if type(value) not in _PLAIN_TYPES:
-                    return render_text(scope)
+                        return render_slowly(scope)
+                if type(value) not in PLAIN_TYPES:
+                    return render_slowly(scope)
                 out.append(str(finalize(value)))
             except Exception:
-                return render_text(scope)
+                return render_slowly(scope)
         return join(out)
 
     return render_parts
 
 
-def _text_parts(tree: nodes.Template) -> list[str | tuple[str, tuple[str | int, ...]]] | None:
-    """A template made only of literal text and `{{ name.key[0] }}` lookups, as its parts;
-    None for anything else (filters, calls, tests, blocks, ...)."""
-    parts: list[str | tuple[str, tuple[str | int, ...]]] = []
-    for node in tree.body:
-        if not isinstance(node, nodes.Output):
-            return None
-        for child in node.nodes:
-            if isinstance(child, nodes.TemplateData):
-                parts.append(child.data)
-                continue
-            chain = _lookup_chain(child)
-            if chain is None:
-                return None
-            parts.append(chain)
-    return parts
+def lookup_renderer(
+    name: str, keys: tuple[str | int, ...], fallback: Callable[[], Renderer]
+) -> Renderer:
+    """`{{ item }}`, `{{ item.a[0] }}` as a value of its own type, over plain dicts and lists;
+    anything else (a miss, another type) through `fallback()`, with the same value or error."""
+    slow: list[Renderer] = []
 
-
-def _compile_expression(env: _Environment, expr: nodes.Expr) -> Callable[[Mapping[str, Any]], Any]:
-    """Like Environment.compile_expression, from the parsed node, keeping the value's type."""
-    body: list[nodes.Node] = [nodes.Assign(nodes.Name("result", "store"), expr, lineno=1)]
-    template = env.from_string(nodes.Template(body, lineno=1))
-    root = template.root_render_func
-    new_context = template.new_context
-    globals_ = dict(template.globals)
-    # Only a literal list or dict (or a call's result) can hold an undefined value unnoticed.
-    holders = (nodes.List, nodes.Dict, nodes.Tuple, nodes.Call)
-    deep = isinstance(expr, holders) or next(expr.find_all(holders), None) is not None
-
-    def render_value(scope: Mapping[str, Any]) -> Any:
-        context = new_context({**globals_, **scope}, True)
-        for _ in root(context):
-            pass
-        value = context.vars["result"]
-        if type(value) not in _PLAIN_TYPES:
-            value = _plain(value)
-        if deep:
-            _check_defined(value)
-        return value
-
-    chain = _lookup_chain(expr)
-    if chain is None:
-        return render_value
-    name, keys = chain
+    def render_slowly(scope: Mapping[str, Any]) -> Any:
+        if not slow:
+            slow.append(fallback())
+        return slow[0](scope)
 
     def render_lookup(scope: Mapping[str, Any]) -> Any:
-        # `{{ item }}`, `{{ item.a[0] }}` over plain dicts and lists need no Jinja; anything
-        # else (a miss, another type) takes the full path, which gives the same value or error.
         try:
             value = scope[name]
             for key in keys:
@@ -479,41 +457,20 @@ def _compile_expression(env: _Environment, expr: nodes.Expr) -> Callable[[Mappin
                 elif type(value) is list and type(key) is int:
                     value = value[key]
                 else:
-                    return render_value(scope)
+                    return render_slowly(scope)
         except (KeyError, IndexError, TypeError):
-            return render_value(scope)
-        if type(value) not in _PLAIN_TYPES:
-            value = _plain(value)
+            return render_slowly(scope)
+        if type(value) not in PLAIN_TYPES:
+            return render_slowly(scope)
         return value
 
     return render_lookup
 
 
-def _lookup_chain(expr: nodes.Expr) -> tuple[str, tuple[str | int, ...]] | None:
-    """`item.a['b'][0]` as ("item", ("a", "b", 0)); None for any other expression."""
-    keys: list[str | int] = []
-    node = expr
-    while True:
-        if isinstance(node, nodes.Getattr):
-            keys.append(node.attr)
-            node = node.node
-        elif (
-            isinstance(node, nodes.Getitem)
-            and isinstance(node.arg, nodes.Const)
-            and type(node.arg.value) in (str, int)
-        ):
-            keys.append(node.arg.value)
-            node = node.node
-        elif isinstance(node, nodes.Name) and node.ctx == "load":
-            return node.name, tuple(reversed(keys))
-        else:
-            return None
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Undefined raises; str subclasses, tuples, generators and views become plain JSON types;
     anything that is not data (a function, a template object) is an error."""
-    if isinstance(value, jinja2.Undefined):
+    if _is_undefined(value):
         value._fail_with_undefined_error()
     if isinstance(value, str):
         return str.__str__(value)
@@ -526,15 +483,15 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"a value of type {type(value).__name__} is not data")
 
 
-def _check_defined(value: Any) -> None:
-    if isinstance(value, jinja2.Undefined):
+def check_defined(value: Any) -> None:
+    if _is_undefined(value):
         value._fail_with_undefined_error()
     if isinstance(value, list | tuple):
         for item in value:
-            _check_defined(item)
+            check_defined(item)
     elif isinstance(value, dict):
         for item in value.values():
-            _check_defined(item)
+            check_defined(item)
 
 
 # --- structures of templates ---------------------------------------------------------------

@@ -17,7 +17,8 @@ from runner.decode import json_dumps_line, json_dumps_line_bytes
 from runner.errors import RenderError, RunError
 from runner.expressions import compile_expression, compile_shape
 from runner.outputs import FileOutputs, StreamSpec
-from runner.templates import _ENV, _ENV_PATH, compile_template
+from runner.sandbox import _ENV, _ENV_PATH
+from runner.templates import compile_template
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
 json_values = st.recursive(
@@ -163,3 +164,79 @@ def test_text_templates_render_as_jinja_does(source: str, mode: str, x: Any, y: 
             template.render(scope)
     else:
         assert template.render(scope) == expected
+
+
+# -- the template parser of the fast path against Jinja's --------------------------------------
+
+_NAMES = st.sampled_from(
+    ["a", "item", "steps", "x_1", "_", "A1", "true", "None", "not", "in", "range", "now", "é"]
+)
+_KEYS = st.lists(
+    st.sampled_from(
+        [".a", ".login", ".vars", ".not", ".true", "[0]", "[01]", "[10]", "['a b']", '["k"]',
+         "['é']", ".0", "[ 0 ]", "['a\\'b']", "[-1]", "|x", "(1)", " . a"]
+    ),
+    max_size=3,
+).map("".join)  # fmt: skip
+_SPACES = st.sampled_from(["", " ", "  ", "\n", "\t", "-", " -", "+"])
+_LOOKUPS = st.builds(
+    lambda a, n, k, b: "{{" + a + n + k + b + "}}", _SPACES, _NAMES, _KEYS, _SPACES
+)
+_TEXTS = st.lists(
+    st.sampled_from(["a", " ", "\n", "\r\n", "\r", "/", "{", "}", "%", "#", "{%", "{#", "}}"]),
+    max_size=4,
+).map("".join)
+TEMPLATE_TEXTS = st.lists(_LOOKUPS | _TEXTS, max_size=5).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(TEMPLATE_TEXTS)
+def test_the_fast_parser_reads_templates_as_jinja_does(source: str) -> None:
+    """Where the fast path takes a template without Jinja, Jinja parses the same text into the
+    same literal text and lookups, reads the same names and `steps.<id>`, and agrees on
+    whether a value template is one lone expression."""
+    from jinja2 import meta
+
+    from runner import sandbox
+    from runner.templates import simple_parts
+
+    parts = simple_parts(source)
+    if parts is None:
+        return  # Jinja's to parse
+    tree = sandbox._ENV.parse(source)  # a syntax error here fails the test
+    assert sandbox._text_parts(tree) == parts
+    if "{{" not in source:
+        return  # plain text: not a template at all
+    template = compile_template(source, "value")
+    assert template.names == frozenset(meta.find_undeclared_variables(tree)) - sandbox._GLOBAL_NAMES
+    assert template.step_refs == frozenset(sandbox._step_refs(tree))
+    lookups = [p for p in parts if not isinstance(p, str)]
+    blank_around = all(p.strip() == "" for p in parts if isinstance(p, str))
+    assert (sandbox._lone_expression(tree) is not None) == (len(lookups) == 1 and blank_around)
+
+
+def test_the_fast_parser_knows_jinja_globals() -> None:
+    from runner import sandbox
+    from runner.templates import _JINJA_GLOBALS, GLOBALS
+
+    assert _JINJA_GLOBALS | set(GLOBALS) == set(sandbox._ENV.globals)
+
+
+def test_plain_lookups_do_not_load_jinja(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+from runner.templates import compile_template
+t = compile_template("/items/{{ item.id }}/{{ steps.a.records[0]['k'] }}", "path")
+print(t.render({"item": {"id": "a b"}, "steps": {"a": {"records": [{"k": 7}]}}}))
+print("jinja2" in sys.modules)
+try:
+    t.render({"item": {}, "steps": {}})
+except Exception as exc:
+    print(type(exc).__name__, "jinja2" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    # A miss takes Jinja's path, for Jinja's own words about it.
+    assert out.stdout.splitlines() == ["/items/a%20b/7", "False", "RenderError True"]
