@@ -11,10 +11,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .auth import ServiceAuth
 from .decode import body_excerpt, decode_body, decode_lenient
 from .errors import (
     DecodeError,
@@ -46,6 +45,9 @@ from .outputs import Outputs
 from .paginate import Pagination
 from .redact import Redactor
 from .secrets import Secrets
+
+if TYPE_CHECKING:
+    from .auth import ServiceAuth
 
 log = logging.getLogger("runner")
 
@@ -287,6 +289,8 @@ class FlowRun:
         existing = self.auths.get(key)
         if existing is not None:
             return existing
+        from .auth import ServiceAuth  # only flows with auth need it (~5 ms of start-up)
+
         spec = self.flow.services.get(service)
         made = ServiceAuth(
             service,
