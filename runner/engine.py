@@ -459,10 +459,9 @@ class FlowRun:
                     self._response_scope(scope, response, request), page.count
                 )
                 if more:
-                    previous = request
                     scope = self.scope(ctx, pager.scope())
                     if pager.next_url is not None:
-                        request = self._follow(step, previous, pager.next_url)
+                        request = self._follow(step, request, pager.next_url)
                     else:
                         request = await self.build_request(step, scope, pager)
                     if request.method in PREFETCH_METHODS:
