@@ -317,10 +317,11 @@ def _compile_template(source: str, mode: Mode, autoescape: bool) -> Template:
 
 # Jinja's own globals and ours: a lookup rooted at one of them goes to Jinja.
 _JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace"})
-# Words Jinja reads as constants or operators, not as names.
+# Words Jinja reads as constants, operators or its own template (`self`), not as names.
 _JINJA_WORDS = frozenset(
-    {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if", "else"}
-)
+    {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if",
+     "else", "self"}
+)  # fmt: skip
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _KEY = rf"""\.{_NAME}|\[(?:0|[1-9][0-9]*)\]|\['[^'\\\r\n]*'\]|\["[^"\\\r\n]*"\]"""
 _LOOKUP = re.compile(rf"\{{\{{\s*({_NAME}(?:{_KEY})*)\s*\}}\}}")

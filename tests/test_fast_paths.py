@@ -169,8 +169,9 @@ def test_text_templates_render_as_jinja_does(source: str, mode: str, x: Any, y: 
 # -- the template parser of the fast path against Jinja's --------------------------------------
 
 _NAMES = st.sampled_from(
-    ["a", "item", "steps", "x_1", "_", "A1", "true", "None", "not", "in", "range", "now", "é"]
-)
+    ["a", "item", "steps", "x_1", "_", "A1", "true", "None", "not", "in", "range", "now", "é",
+     "self", "loop", "caller"]
+)  # fmt: skip
 _KEYS = st.lists(
     st.sampled_from(
         [".a", ".login", ".vars", ".not", ".true", "[0]", "[01]", "[10]", "['a b']", '["k"]',
