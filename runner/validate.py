@@ -117,6 +117,15 @@ def _fast_check(which: str) -> Callable[[Any], bool] | None:
     return check
 
 
+def _surely_valid(which: str, data: Any) -> bool:
+    """True when jsonschema-rs is there and finds `data` valid; jsonschema decides the rest."""
+    check = _fast_check(which)
+    try:
+        return check is not None and check(data)
+    except Exception:  # a value it cannot convert, say: jsonschema words the verdict
+        return False
+
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -318,8 +327,7 @@ def schema_problems(doc: Document) -> list[Problem]:
     """Every way the document breaks the flow schema, located in its file."""
     if not isinstance(doc.data, dict):
         return [Problem(doc.file, 1, 1, "", NOT_A_FLOW)]
-    fast = _fast_check("flow")
-    if fast is not None and fast(doc.data):
+    if _surely_valid("flow", doc.data):
         return []
     return _problems(doc, _flow_validator(), doc.data)
 
@@ -692,8 +700,7 @@ def services_problems(doc: Document, known: Sequence[str] | None = None) -> list
     """
     if not isinstance(doc.data, dict):
         return [Problem(doc.file, 1, 1, "", NOT_A_SERVICES_FILE)]
-    fast = _fast_check("services")
-    valid = fast is not None and fast(doc.data)
+    valid = _surely_valid("services", doc.data)
     problems = [] if valid else _problems(doc, _services_validator(), doc.data)
     if known is not None:
         known_list = sorted(set(known))

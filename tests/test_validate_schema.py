@@ -66,6 +66,22 @@ def test_fast_check_and_jsonschema_agree_on_every_case(name: str) -> None:
         assert fast(data) == (next(_flow_validator().iter_errors(data), None) is None)
 
 
+def test_a_fast_check_that_fails_leaves_the_verdict_to_jsonschema(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import runner.validate
+
+    def broken(data: object) -> bool:
+        raise OverflowError("cannot convert")
+
+    monkeypatch.setattr(runner.validate, "_fast_check", lambda which: broken)
+    assert schema_problems(load_text(GOOD_FLOW, "good.yaml")) == []
+    bad = GOOD_FLOW.replace("records: body", "recrods: body")
+    assert [p.message for p in schema_problems(load_text(bad, "bad.yaml"))] == [
+        "unknown key 'recrods' (did you mean 'records'?)"
+    ]
+
+
 def test_a_valid_flow_is_loaded_without_importing_jsonschema(tmp_path: Path) -> None:
     if _fast_check("flow") is None:
         pytest.skip("jsonschema-rs is not installed")
