@@ -609,9 +609,7 @@ class FlowRun:
         finally:
             self._refresh_auth_scope()
 
-    async def _authorizer(
-        self, step: StepSpec, request: PreparedRequest, scope: dict[str, Any]
-    ) -> Any:
+    def _authorizer(self, step: StepSpec, request: PreparedRequest, scope: dict[str, Any]) -> Any:
         spec = step.request
         assert spec is not None
         if step.auth == "none" or spec.service is None:
@@ -643,7 +641,7 @@ class FlowRun:
     ) -> Response:
         assert step.request is not None
         client = self.client(step.request.service)
-        authorize = await self._authorizer(step, request, scope)
+        authorize = self._authorizer(step, request, scope)
         try:
             response = await client.send(
                 request,

@@ -623,7 +623,15 @@ class ServiceClient:
         """One attempt: the request and its redirect hops, each hop a request of its own."""
         hops = 0
         while True:
-            response = await self._request(request, retry, timeout, timeouts, max_body_bytes)
+            if self._semaphore is None:
+                response = await self._request_now(
+                    request, retry, timeout, timeouts, max_body_bytes
+                )
+            else:
+                async with self._semaphore:  # max_concurrency: one hop holds one slot
+                    response = await self._request_now(
+                        request, retry, timeout, timeouts, max_body_bytes
+                    )
             location = response.headers.get("location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
@@ -641,19 +649,6 @@ class ServiceClient:
                 location,
                 allow_insecure_http=self._allow_insecure_http,
             )
-
-    async def _request(
-        self,
-        request: PreparedRequest,
-        retry: RetryPolicy,
-        timeout: aiohttp.ClientTimeout,
-        timeouts: Timeouts,
-        max_body_bytes: int,
-    ) -> Response:
-        if self._semaphore is None:
-            return await self._request_now(request, retry, timeout, timeouts, max_body_bytes)
-        async with self._semaphore:
-            return await self._request_now(request, retry, timeout, timeouts, max_body_bytes)
 
     async def _wait_for_pause(self, retry: RetryPolicy) -> None:
         while (wait := self._paused_until - self._clock()) > 0:
