@@ -107,12 +107,16 @@ def runner_contender(
     return Contender(name, make, expected, env={"BENCH_URL": base, **(env or {})})
 
 
-def loop_contender(name: str, workload: str, base: str, expected: int, orjson: bool) -> Contender:
+def loop_contender(
+    name: str, workload: str, base: str, expected: int, orjson: bool, uvloop: bool = False
+) -> Contender:
     def make(work: Path) -> tuple[list[str], Path | None, Callable[[], int]]:
         out = work / "items.jsonl"
         argv = [PY, str(HERE / "peers" / "loop.py"), workload, base, str(out)]
         if orjson:
             argv.append("--orjson")
+        if uvloop:
+            argv.append("--uvloop")
         return argv, None, lambda: count_lines(out)
 
     return Contender(name, make, expected)
@@ -316,6 +320,15 @@ def main() -> int:
                 loop_contender("gather + semaphore", "fanout", fan_base, FANOUT_ITEMS, False),
                 loop_contender(
                     "gather + semaphore + orjson", "fanout", fan_base, FANOUT_ITEMS, True
+                ),
+                # The runner's own event loop under the loop too: its overhead, like for like.
+                loop_contender(
+                    "gather + semaphore + orjson + uvloop",
+                    "fanout",
+                    fan_base,
+                    FANOUT_ITEMS,
+                    True,
+                    uvloop=True,
                 ),
             ]
             print(f"fan-out: {FANOUT_ITEMS} requests at 16, {rounds} rounds", file=sys.stderr)

@@ -1,7 +1,9 @@
 """The hand-written baseline: a plain aiohttp loop doing the benchmark's jobs, nothing more.
 
-    python benchmarks/peers/loop.py sequential BASE_URL OUT.jsonl [--orjson]
-    python benchmarks/peers/loop.py fanout BASE_URL OUT.jsonl [--orjson] [--concurrency 16]
+    python benchmarks/peers/loop.py sequential BASE_URL OUT.jsonl [--orjson] [--uvloop]
+    python benchmarks/peers/loop.py fanout BASE_URL OUT.jsonl [--orjson] [--uvloop] [-c 16]
+
+`--uvloop` runs it on uvloop's event loop, as the runner does when uvloop is installed.
 
 What anyone would write by hand: no retries, no checks beyond the status, records written
 as JSONL through a buffered file.
@@ -83,12 +85,19 @@ def main() -> None:
     parser.add_argument("base_url")
     parser.add_argument("out")
     parser.add_argument("--orjson", action="store_true")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--uvloop", action="store_true", help="uvloop's event loop, as the runner")
+    parser.add_argument("-c", "--concurrency", type=int, default=16)
     args = parser.parse_args()
-    if args.workload == "sequential":
-        asyncio.run(sequential(args.base_url, args.out, args.orjson))
-    else:
-        asyncio.run(fanout(args.base_url, args.out, args.orjson, args.concurrency))
+    factory = None
+    if args.uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        if args.workload == "sequential":
+            runner.run(sequential(args.base_url, args.out, args.orjson))
+        else:
+            runner.run(fanout(args.base_url, args.out, args.orjson, args.concurrency))
 
 
 if __name__ == "__main__":
