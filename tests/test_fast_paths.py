@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,15 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jinja2 import meta
 
+from runner import sandbox
 from runner.decode import json_dumps_line, json_dumps_line_bytes
 from runner.errors import RenderError, RunError
 from runner.expressions import compile_expression, compile_shape
 from runner.outputs import FileOutputs, StreamSpec
 from runner.sandbox import _ENV, _ENV_PATH
-from runner.templates import compile_template
+from runner.templates import _JINJA_GLOBALS, GLOBALS, compile_template, simple_parts
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
 json_values = st.recursive(
@@ -196,15 +200,10 @@ def test_the_fast_parser_reads_templates_as_jinja_does(source: str) -> None:
     """Where the fast path takes a template without Jinja, Jinja parses the same text into the
     same literal text and lookups, reads the same names and `steps.<id>`, and agrees on
     whether a value template is one lone expression."""
-    from jinja2 import meta
-
-    from runner import sandbox
-    from runner.templates import simple_parts
-
     parts = simple_parts(source)
     if parts is None:
         return  # Jinja's to parse
-    tree = sandbox._ENV.parse(source)  # a syntax error here fails the test
+    tree = _ENV.parse(source)  # a syntax error here fails the test
     assert sandbox._text_parts(tree) == parts
     if "{{" not in source:
         return  # plain text: not a template at all
@@ -217,16 +216,10 @@ def test_the_fast_parser_reads_templates_as_jinja_does(source: str) -> None:
 
 
 def test_the_fast_parser_knows_jinja_globals() -> None:
-    from runner import sandbox
-    from runner.templates import _JINJA_GLOBALS, GLOBALS
-
-    assert _JINJA_GLOBALS | set(GLOBALS) == set(sandbox._ENV.globals)
+    assert _JINJA_GLOBALS | set(GLOBALS) == set(_ENV.globals)
 
 
-def test_plain_lookups_do_not_load_jinja(tmp_path: Any) -> None:
-    import subprocess
-    import sys
-
+def test_plain_lookups_do_not_load_jinja() -> None:
     probe = """
 import sys
 from runner.templates import compile_template
