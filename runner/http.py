@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import mimetypes
@@ -448,7 +449,9 @@ class ServiceClient:
         self._ssl = _ssl_context(tls)  # here, so a bad CA file fails before any request
         self._cookies = cookies
         self._max_concurrency = max_concurrency
-        self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._slot: contextlib.AbstractAsyncContextManager[Any] = (
+            asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+        )
         self._window = SlidingWindow(rate_limit, clock, sleep) if rate_limit else None
         self._paused_until = float("-inf")
         self._session: aiohttp.ClientSession | None = None
@@ -623,15 +626,10 @@ class ServiceClient:
         """One attempt: the request and its redirect hops, each hop a request of its own."""
         hops = 0
         while True:
-            if self._semaphore is None:
+            async with self._slot:  # max_concurrency: one hop holds one slot
                 response = await self._request_now(
                     request, retry, timeout, timeouts, max_body_bytes
                 )
-            else:
-                async with self._semaphore:  # max_concurrency: one hop holds one slot
-                    response = await self._request_now(
-                        request, retry, timeout, timeouts, max_body_bytes
-                    )
             location = response.headers.get("location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response

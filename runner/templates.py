@@ -397,19 +397,26 @@ def _jinja_renderer(source: str, mode: Mode) -> Renderer:
     return compile_jinja(source, mode, False)[2]
 
 
+def _compiled_on_first_call(compile_: Callable[[], Renderer]) -> Renderer:
+    """A renderer that compiles itself (with Jinja) the first time it is needed."""
+    compiled: list[Renderer] = []
+
+    def render(scope: Mapping[str, Any]) -> Any:
+        if not compiled:
+            compiled.append(compile_())
+        return compiled[0](scope)
+
+    return render
+
+
 def parts_renderer(
     parts: Parts, finalize: Callable[[Any], Any], fallback: Callable[[], Renderer]
 ) -> Renderer:
     """Renders literal text and lookups over plain dicts and lists; anything else (a miss,
     another type, a value finalize refuses) renders through `fallback()`, compiled on first
     need, which gives the same text or error."""
-    slow: list[Renderer] = []
+    render_slowly = _compiled_on_first_call(fallback)
     join = "".join
-
-    def render_slowly(scope: Mapping[str, Any]) -> Any:
-        if not slow:
-            slow.append(fallback())
-        return slow[0](scope)
 
     def render_parts(scope: Mapping[str, Any]) -> Any:
         out = []
@@ -442,12 +449,7 @@ def lookup_renderer(
 ) -> Renderer:
     """`{{ item }}`, `{{ item.a[0] }}` as a value of its own type, over plain dicts and lists;
     anything else (a miss, another type) through `fallback()`, with the same value or error."""
-    slow: list[Renderer] = []
-
-    def render_slowly(scope: Mapping[str, Any]) -> Any:
-        if not slow:
-            slow.append(fallback())
-        return slow[0](scope)
+    render_slowly = _compiled_on_first_call(fallback)
 
     def render_lookup(scope: Mapping[str, Any]) -> Any:
         try:
