@@ -77,7 +77,7 @@ def _loads_fast(data: bytes | str) -> Any:
         buf = data.encode(_UTF8) if isinstance(data, str) else data
     except UnicodeEncodeError:  # lone surrogates: only the stdlib accepts them
         return _loads_stdlib(data)
-    if _orjson_safe(buf):
+    if _LONG_DIGIT_RUN not in buf.translate(_DIGIT_MASK):  # as _orjson_safe: integers stay exact
         try:
             return _ORJSON.loads(buf)
         except ValueError:
@@ -85,9 +85,8 @@ def _loads_fast(data: bytes | str) -> Any:
     return _loads_stdlib(data)
 
 
-def json_loads(data: bytes | str) -> Any:
-    """Parse JSON (NaN and Infinity refused); every failure is a ValueError."""
-    return _loads_fast(data) if _ORJSON is not None else _loads_stdlib(data)
+# Parse JSON (NaN and Infinity refused); every failure is a ValueError.
+json_loads: Callable[[bytes | str], Any] = _loads_fast if _ORJSON is not None else _loads_stdlib
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -160,14 +159,13 @@ def _dumps_line_bytes_stdlib(obj: Any) -> bytes:
     return (_dumps_stdlib(obj) + "\n").encode(_UTF8)
 
 
-def json_dumps_line_bytes(obj: Any) -> bytes:
-    """`json_dumps_line(obj)` and a newline, as UTF-8: a JSONL line ready to write.
-
-    With orjson the bytes come straight from it (no str round trip). A lone surrogate, which
-    UTF-8 cannot hold, raises UnicodeEncodeError (orjson refuses it with TypeError first, and
-    the stdlib path then fails to encode), as encoding `json_dumps_line(obj)` would.
-    """
-    return _dumps_line_bytes_fast(obj) if _ORJSON is not None else _dumps_line_bytes_stdlib(obj)
+# `json_dumps_line(obj)` and a newline, as UTF-8: a JSONL line ready to write.
+# With orjson the bytes come straight from it (no str round trip). A lone surrogate, which
+# UTF-8 cannot hold, raises UnicodeEncodeError (orjson refuses it with TypeError first, and
+# the stdlib path then fails to encode), as encoding `json_dumps_line(obj)` would.
+json_dumps_line_bytes: Callable[[Any], bytes] = (
+    _dumps_line_bytes_fast if _ORJSON is not None else _dumps_line_bytes_stdlib
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,14 +557,19 @@ _DECODERS: dict[str, _Decoder] = {
 }
 
 
+@lru_cache(maxsize=256)
+def _format_and_charset(content_type: str | None, fmt: str) -> tuple[str, str | None]:
+    return choose_format(content_type, fmt), _charset(content_type)
+
+
 def decode_body(raw: bytes, content_type: str | None, options: DecodeOptions) -> Any:
     """Decode a body by its format; an empty one (or only whitespace, but for text) is None."""
     if len(raw) > options.max_body_bytes:
         raise _too_large(options.max_body_bytes)
-    fmt = choose_format(content_type, options.format)
+    fmt, charset = _format_and_charset(content_type, options.format)
     if not raw or (fmt != "text" and raw.isspace()):
         return None
-    return _DECODERS[fmt](raw, content_type, _charset(content_type), options)
+    return _DECODERS[fmt](raw, content_type, charset, options)
 
 
 def decode_lenient(raw: bytes, content_type: str | None, options: DecodeOptions) -> Any:

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner")
 
 UNAVAILABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# What a base_url may read to be rendered once per run: names whose values never change in it.
+RUN_CONSTANT_NAMES = frozenset({"env", "inputs", "secrets", "run"})
 CONTENT_TYPES = {".xml": "application/xml", ".json": "application/json", ".html": "text/html"}
 
 
@@ -77,7 +79,7 @@ Outcome = str | Goto
 PREFETCH_METHODS = frozenset({"GET", "HEAD"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Page:
     """A response's records as `records` selected them, before filter, fields and emit."""
 
@@ -108,7 +110,7 @@ class Sink:
 
     def emit(self, stream: str, record: dict[str, Any]) -> None:
         if self.parent is None:
-            self.run.write(stream, record)
+            self.run.outputs.write(stream, record)
         else:
             self._ops.append(("emit", stream, record))
 
@@ -225,9 +227,12 @@ class FlowRun:
     clients: dict[str, ServiceClient] = field(default_factory=dict)
     auths: dict[tuple[str, str], ServiceAuth] = field(default_factory=dict)
     base_scope: dict[str, Any] = field(default_factory=dict)
+    fixed_base_urls: dict[str, str] = field(default_factory=dict)  # rendered once per run
+    debug: bool = False  # the debug log is on (a line per request)
     _checked_origins: set[tuple[str, bool]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self.debug = log.isEnabledFor(logging.DEBUG)
         for step in self.flow.all_steps():
             self.steps_scope[step.id] = _empty_step_scope()
             self.reports[step.id] = StepReport()
@@ -251,9 +256,6 @@ class FlowRun:
         if page is not None:
             scope["page"] = page
         return scope
-
-    def write(self, stream: str, record: dict[str, Any]) -> None:
-        self.outputs.write(stream, record)
 
     def warn(self, message: str) -> None:
         message = self.redactor.redact(message)
@@ -514,9 +516,13 @@ class FlowRun:
         base_url = ""
         if service is not None:
             if service.base_url is not None:
+                base_url = self.fixed_base_urls.get(service.name, "")
+            if service.base_url is not None and not base_url:
                 if "auth" in service.base_url.names and service.name not in self.auth_scope:
                     await self._obtain_token(service.name, scope)
                 base_url = _as_str(service.base_url.render(scope), "base_url")
+                if service.base_url.names <= RUN_CONSTANT_NAMES:
+                    self.fixed_base_urls[service.name] = base_url
             if service.headers is not None:
                 headers.update(_header_values(service.headers.render(scope)))
         if spec.url is not None:
@@ -555,7 +561,7 @@ class FlowRun:
             _default_content_type(headers, str(ctype))
         # The page token goes where `paginate.in` says.
         location = step.paginate.location if step.paginate else "query"
-        for param, value in pager.tokens():
+        for param, value in pager.tokens() if step.paginate is not None else ():
             if location == "query":
                 query_data[param] = value
             elif location == "header":
@@ -568,7 +574,7 @@ class FlowRun:
         return PreparedRequest(
             method=spec.method,
             url=url,
-            query=encode_query(query_data),
+            query=encode_query(query_data) if query_data else [],
             headers=headers,
             body=body,
         )
@@ -656,7 +662,7 @@ class FlowRun:
         finally:
             if self.auths:
                 self._refresh_auth_scope()
-        if log.isEnabledFor(logging.DEBUG):  # redacting costs a regex pass per request
+        if self.debug:  # redacting costs a regex pass per request
             log.debug(
                 "%s %s -> %s (attempt %d)",
                 request.method,
@@ -676,7 +682,7 @@ class FlowRun:
     ) -> tuple[Response | None, TransportError | None]:
         """Send and decode; with `poll`, resend until `until` holds. A transport failure after
         all retries is returned, for an `on_status: error` rule to see."""
-        started = time.monotonic()
+        started = time.monotonic() if step.poll is not None else 0.0
         while True:
             try:
                 response = await self.send(step, request, scope)
@@ -729,18 +735,23 @@ class FlowRun:
     def _response_scope(
         self, scope: dict[str, Any], response: Response | None, request: PreparedRequest
     ) -> dict[str, Any]:
-        rscope = dict(scope)
         if response is None:
-            rscope.update(status=None, reason=None, headers={}, body=None, url=request.url)
-        else:
-            rscope.update(
-                status=response.status,
-                reason=response.reason,
-                headers=response.headers,
-                body=response.data,
-                url=response.url,
-            )
-        return rscope
+            return {
+                **scope,
+                "status": None,
+                "reason": None,
+                "headers": {},
+                "body": None,
+                "url": request.url,
+            }
+        return {
+            **scope,
+            "status": response.status,
+            "reason": response.reason,
+            "headers": response.headers,
+            "body": response.data,
+            "url": response.url,
+        }
 
     def _request_fields(
         self, request: PreparedRequest, response: Response | None
@@ -793,7 +804,7 @@ class FlowRun:
         report = self.reports[step.id]
         while True:
             rscope = self._response_scope(scope, response, request)
-            rule = self.match_rule(step, rscope)
+            rule = self.match_rule(step, rscope) if step.on_status else None
             if rule is None:
                 if failure is not None:
                     raise failure
@@ -824,8 +835,10 @@ class FlowRun:
             report.skipped += 1
             return NEXT, NO_PAGE
         # ok and end: expect, set, select (mapped by the caller), stop_when.
-        self._check_expect(step, rscope, request, response)
-        self._apply_set(step, ctx, step.set, rscope)
+        if step.expect:
+            self._check_expect(step, rscope, request, response)
+        if step.set:
+            self._apply_set(step, ctx, step.set, rscope)
         page = self._select(step, rscope, pager)
         if action == "end":
             return END, page
@@ -993,7 +1006,7 @@ class FlowRun:
             return NO_PAGE
         report.ok_with_records += 1
         records = selected if isinstance(selected, list) else [selected]
-        if pager.repeats(records):
+        if step.paginate is not None and pager.repeats(records):
             return Page(0, None, rscope, repeated=True)
         return Page(len(records), records, rscope)
 

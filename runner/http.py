@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import json
 import mimetypes
@@ -78,6 +77,7 @@ class TransportError(UnavailableError):
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+NOT_PAUSED = float("-inf")
 MAX_REDIRECTS = 10
 CHUNK_SIZE = 65536
 # X-RateLimit-Reset above this is an epoch time, below it seconds to wait.
@@ -387,7 +387,10 @@ def _ssl_context(tls: TlsOptions) -> ssl.SSLContext | bool:
 
 
 def _response_headers(raw: CIMultiDictProxy[str]) -> dict[str, str]:
-    headers: dict[str, str] = {}
+    headers = {name.lower(): value for name, value in raw.items()}
+    if len(headers) == len(raw):
+        return headers
+    headers = {}  # a repeated header: its values joined in order
     for name, value in raw.items():
         key = name.lower()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
@@ -449,19 +452,18 @@ class ServiceClient:
         self._ssl = _ssl_context(tls)  # here, so a bad CA file fails before any request
         self._cookies = cookies
         self._max_concurrency = max_concurrency
-        self._slot: contextlib.AbstractAsyncContextManager[Any] = (
-            asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
-        )
+        self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._window = SlidingWindow(rate_limit, clock, sleep) if rate_limit else None
-        self._paused_until = float("-inf")
+        self._paused_until = NOT_PAUSED
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
         self._checked_origins: set[str] = set()
-        self._proxies: dict[str, ProxyInfo] | None = None
+        self._proxies: dict[str, ProxyInfo] = {}  # from the environment, with the session
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use: aiohttp wants a running event loop.
         if self._session is None:
+            self._proxies = proxies_from_env()
             connector = aiohttp.TCPConnector(limit=self._max_concurrency or 0, ssl=self._ssl)
             # unsafe: internal services are often reached by IP address.
             jar: aiohttp.abc.AbstractCookieJar = (
@@ -485,8 +487,6 @@ class ServiceClient:
 
     def _proxy(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
         """The proxy for a URL from HTTP_PROXY, HTTPS_PROXY and NO_PROXY, as trust_env does."""
-        if self._proxies is None:
-            self._proxies = proxies_from_env()
         info = self._proxies.get(url.scheme)
         if info is None or (url.host is not None and proxy_bypass(url.host)):
             return None, None
@@ -626,12 +626,19 @@ class ServiceClient:
         """One attempt: the request and its redirect hops, each hop a request of its own."""
         hops = 0
         while True:
-            async with self._slot:  # max_concurrency: one hop holds one slot
+            if self._semaphore is None:
                 response = await self._request_now(
                     request, retry, timeout, timeouts, max_body_bytes
                 )
+            else:
+                async with self._semaphore:  # max_concurrency: one hop holds one slot
+                    response = await self._request_now(
+                        request, retry, timeout, timeouts, max_body_bytes
+                    )
+            if response.status not in REDIRECT_STATUSES:
+                return response
             location = response.headers.get("location")
-            if response.status not in REDIRECT_STATUSES or not location:
+            if not location:
                 return response
             if hops == MAX_REDIRECTS:
                 raise RunError(
@@ -665,14 +672,14 @@ class ServiceClient:
         timeouts: Timeouts,
         max_body_bytes: int,
     ) -> Response:
-        if self._paused_until > self._clock():
+        if self._paused_until > NOT_PAUSED and self._paused_until > self._clock():
             await self._wait_for_pause(retry)
         window = self._window
         slot = await window.acquire() if window is not None else None
         url = _full_url(request)
-        session = self._get_session()
+        session = self._session or self._get_session()
         counted = False  # a response whose body then fails is still one request, counted once
-        proxy, proxy_auth = self._proxy(url)
+        proxy, proxy_auth = self._proxy(url) if self._proxies else (None, None)
         try:
             async with session.request(
                 request.method,
@@ -693,7 +700,17 @@ class ServiceClient:
                 counted = True
                 headers = _response_headers(resp.headers)
                 self._observe_limits(status, headers, retry)
-                body = await _read_body(resp, max_body_bytes, final_url, status)
+                length = resp.content_length
+                if (
+                    length is not None
+                    and length <= max_body_bytes
+                    and "Content-Encoding" not in resp.headers
+                ):
+                    # Plain, of announced size within the limit: one read (aiohttp raises
+                    # ClientPayloadError if it ends short of its Content-Length).
+                    body = await resp.read()
+                else:
+                    body = await _read_body(resp, max_body_bytes, final_url, status)
         except aiohttp.ClientConnectorCertificateError as exc:
             self.stats.requests += 1
             raise SecurityError(
@@ -743,11 +760,6 @@ async def _read_body(
     body cut short, so that it is retried.
     """
     inflater = _inflater(resp.headers.get("Content-Encoding"), url, status)
-    length = resp.content_length
-    if inflater is None and length is not None and length <= max_body_bytes:
-        # A plain body of announced size within the limit: one read (aiohttp raises
-        # ClientPayloadError if it ends short of its Content-Length).
-        return await resp.read()
     limit = BodyLimit(max_body_bytes)
     chunks: list[bytes] = []
     try:
