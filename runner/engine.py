@@ -90,6 +90,7 @@ class Page:
 
 
 NO_PAGE = Page(0, None, None)
+NO_PAGINATION = Pagination(None)
 
 
 # -- where a context's effects go ----------------------------------------------------------
@@ -119,7 +120,7 @@ class Sink:
         if self.parent is None:
             self.run.outputs.write_many(stream, records)
         else:
-            self._ops.extend(("emit", stream, record) for record in records)
+            self._ops.append(("emit_many", stream, records))
 
     def step_records(self, step_id: str, records: list[Any]) -> None:
         if self.parent is None:
@@ -143,7 +144,9 @@ class Sink:
         parent = self.parent
         assert parent is not None
         for op, key, value in self._ops:
-            if op == "emit":
+            if op == "emit_many":
+                parent.emit_many(key, value)
+            elif op == "emit":
                 parent.emit(key, value)
             elif op == "records":
                 parent.step_records(key, value)
@@ -229,10 +232,14 @@ class FlowRun:
     base_scope: dict[str, Any] = field(default_factory=dict)
     fixed_base_urls: dict[str, str] = field(default_factory=dict)  # rendered once per run
     debug: bool = False  # the debug log is on (a line per request)
+    uses_auth: bool = False  # some service or step has auth: requests look for an authorizer
     _checked_origins: set[tuple[str, bool]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.uses_auth = any(s.auth is not None for s in self.flow.services.values()) or any(
+            not isinstance(step.auth, str) for step in self.flow.all_steps()
+        )
         for step in self.flow.all_steps():
             self.steps_scope[step.id] = _empty_step_scope()
             self.reports[step.id] = StepReport()
@@ -422,7 +429,7 @@ class FlowRun:
     ) -> None:
         item_ctx = ctx.child(item, index, sink, step.steps)
         try:
-            if step.is_block:
+            if step.steps:  # a block
                 # The block's steps update this item's own `steps.<id>` and, through the sink,
                 # the values seen from outside the block, accumulated in input order.
                 await self.run_sequence(step.steps, item_ctx)
@@ -441,7 +448,8 @@ class FlowRun:
     async def run_request_step(self, step: StepSpec, ctx: Context) -> Outcome:
         assert step.request is not None
         report = self.reports[step.id]
-        pager = Pagination(step.paginate)
+        # Without `paginate` the pager is never advanced: one shared instance serves every step.
+        pager = Pagination(step.paginate) if step.paginate is not None else NO_PAGINATION
         scope = self.scope(ctx, pager.scope())
         request = await self.build_request(step, scope, pager)
         pending: asyncio.Future[tuple[Response | None, TransportError | None]] | None = None
@@ -646,8 +654,8 @@ class FlowRun:
         initial_wait: float | None = None,
     ) -> Response:
         assert step.request is not None
-        client = self.client(step.request.service)
-        authorize = self._authorizer(step, request, scope)
+        client = self.clients.get(step.request.service or "") or self.client(step.request.service)
+        authorize = self._authorizer(step, request, scope) if self.uses_auth else None
         try:
             response = await client.send(
                 request,

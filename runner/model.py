@@ -167,10 +167,6 @@ class StepSpec:
     # `fields` as one compiled function when every field is JMESPath on the record.
     shape: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
 
-    @property
-    def is_block(self) -> bool:
-        return bool(self.steps)
-
     def walk(self) -> Iterator[StepSpec]:
         yield self
         for inner in self.steps:
