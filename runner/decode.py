@@ -313,7 +313,7 @@ def _decode_json(
     raw: bytes, content_type: str | None, charset: str | None, _: DecodeOptions
 ) -> Any:
     try:
-        if _is_utf8(charset):
+        if charset is None or _is_utf8(charset):
             return json_loads(raw[3:] if raw.startswith(_BOM) else raw)
         return json_loads(raw.decode(charset or _UTF8))
     except ValueError as exc:

@@ -728,7 +728,7 @@ class FlowRun:
     def decode(self, step: StepSpec, response: Response) -> None:
         """Decode the body in place of the raw bytes (kept in `response.body` as data)."""
         raw = response.body
-        ctype = response.content_type
+        ctype = response.headers.get("content-type")
         if 200 <= response.status < 300:
             try:
                 data = decode_body(raw, ctype, step.response)
