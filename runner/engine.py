@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner")
 
 UNAVAILABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-# What a base_url may read to be rendered once per run: names whose values never change in it.
+# What a base_url of text and lookups may read to be rendered once per run: names whose
+# values never change during it.
 RUN_CONSTANT_NAMES = frozenset({"env", "inputs", "secrets", "run"})
 CONTENT_TYPES = {".xml": "application/xml", ".json": "application/json", ".html": "text/html"}
 
@@ -529,7 +530,7 @@ class FlowRun:
                 if "auth" in service.base_url.names and service.name not in self.auth_scope:
                     await self._obtain_token(service.name, scope)
                 base_url = _as_str(service.base_url.render(scope), "base_url")
-                if service.base_url.names <= RUN_CONSTANT_NAMES:
+                if service.base_url.lookups_only and service.base_url.names <= RUN_CONSTANT_NAMES:
                     self.fixed_base_urls[service.name] = base_url
             if service.headers is not None:
                 headers.update(_header_values(service.headers.render(scope)))

@@ -268,6 +268,9 @@ class Template:
     step_refs: frozenset[str]  # ids read as steps.<id> or steps['<id>']
     is_constant: bool  # no template syntax: render returns `source`
     _fn: Callable[[Mapping[str, Any]], Any] | None = field(default=None, repr=False, compare=False)
+    # Text and lookups only: the result depends on the scope alone (no `now()`, no
+    # `uuid4()`), so the same scope values give the same text.
+    lookups_only: bool = False
 
     def render(self, scope: Mapping[str, Any]) -> Any:
         if self._fn is None:
@@ -301,7 +304,7 @@ def _compile_template(source: str, mode: Mode, autoescape: bool) -> Template:
     if mode not in _MODES:
         raise ValueError(f"unknown template mode {mode!r}")
     if not is_template(source):
-        return Template(source, frozenset(), frozenset(), True)
+        return Template(source, frozenset(), frozenset(), True, lookups_only=True)
     if mode == "path" and autoescape:
         raise ValueError("autoescape applies to text templates only")
     parts = None if autoescape else simple_parts(source)
@@ -388,7 +391,7 @@ def _simple_template(source: str, mode: Mode, parts: Parts) -> Template:
         fn = lookup_renderer(*lookups[0], fallback)
     else:
         fn = parts_renderer(parts, finalize_path if mode == "path" else finalize_json, fallback)
-    return Template(source, names, step_refs, False, fn)
+    return Template(source, names, step_refs, False, fn, lookups_only=True)
 
 
 def _jinja_renderer(source: str, mode: Mode) -> Renderer:

@@ -111,6 +111,45 @@ steps:
     assert summary["status_counts"] == {"200": 7}
 
 
+def test_a_base_url_reading_the_item_is_rendered_for_each_request(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    # A base_url of text and lookups of env, inputs, secrets or run is rendered once per run;
+    # one that reads anything else (the item), or calls a function, is rendered per request.
+    first, second = serve(make_app()[0]), serve(make_app()[0])
+    write_flow(
+        """\
+version: 1
+name: hosts
+inputs: {type: object, properties: {hosts: {type: array}}}
+services:
+  fixed: {base_url: "{{ env.API }}/fixed"}
+  per_item: {base_url: "{{ item }}/by-item"}
+  fresh: {base_url: "{{ env.API }}/{{ uuid4() }}"}
+steps:
+  - id: each
+    for_each: inputs.hosts
+    concurrency: 2
+    steps:
+      - {id: fixed, request: {service: fixed, path: "/{{ item_index }}"}}
+      - {id: moving, request: {service: per_item, path: /x}}
+      - {id: fresh, request: {service: fresh, path: /y}}
+"""
+    )
+    hosts = json.dumps([first.url, second.url, first.url])
+    result = cli("run", "flow.yaml", "--input", f"hosts={hosts}", env={"API": second.url})
+    assert result.code == 0, result.stderr
+    assert sorted(r.path for r in first.requests) == ["/by-item/x", "/by-item/x"]
+    fresh = [r.path for r in second.requests if r.path.endswith("/y")]
+    assert len(set(fresh)) == 3
+    assert sorted(r.path for r in second.requests if r.path not in fresh) == [
+        "/by-item/x",
+        "/fixed/0",
+        "/fixed/1",
+        "/fixed/2",
+    ]
+
+
 def test_bodies(serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path) -> None:
     app, _ = make_app()
     server = serve(app)

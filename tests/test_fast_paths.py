@@ -234,3 +234,33 @@ except Exception as exc:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     # A miss takes Jinja's path, for Jinja's own words about it.
     assert out.stdout.splitlines() == ["/items/a%20b/7", "False", "RenderError True"]
+
+
+def test_the_cli_collects_no_garbage_while_it_loads_then_freezes_what_it_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    import runner.run
+    from runner import cli
+
+    flow = tmp_path / "bad.yaml"
+    flow.write_text("version: 1\nname: bad\nsteps: nope\n", encoding="utf-8")
+    collecting_while_loading: list[bool] = []
+    load_flow = runner.run.load_flow
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        collecting_while_loading.append(gc.isenabled())
+        return load_flow(*args, **kwargs)
+
+    monkeypatch.setattr(runner.run, "load_flow", spy)
+    assert gc.isenabled()
+    try:
+        assert cli.main(["run", str(flow)]) == 2  # a flow that fails to load, too
+        assert collecting_while_loading == [False]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+        assert cli.main(["validate", str(flow)]) == 2
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
