@@ -398,13 +398,18 @@ class FlowRun:
         next_start = 0
         next_flush = 0
         progressed = asyncio.Event()
+        waiting = 0  # workers held by the window: only they need `progressed`
 
         async def worker() -> None:
-            nonlocal next_start, next_flush
+            nonlocal next_start, next_flush, waiting
             while next_start < len(items):
                 if next_start - next_flush >= window:
                     progressed.clear()
-                    await progressed.wait()
+                    waiting += 1
+                    try:
+                        await progressed.wait()
+                    finally:
+                        waiting -= 1
                     continue
                 index = next_start
                 next_start += 1
@@ -415,7 +420,8 @@ class FlowRun:
                     finished.discard(next_flush)
                     buffers.pop(next_flush).flush()
                     next_flush += 1
-                progressed.set()
+                if waiting:
+                    progressed.set()
 
         workers = [asyncio.create_task(worker()) for _ in range(min(step.concurrency, len(items)))]
         try:

@@ -665,6 +665,45 @@ steps:
     assert gauge.peak == 3
 
 
+def test_for_each_waits_for_a_slow_first_item_within_its_window(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    # concurrency 2: at most 4 items (twice the concurrency) from the oldest unwritten one.
+    started: list[tuple[int, bool]] = []  # (item, item 0 already answered)
+    first_done = asyncio.Event()
+
+    async def item(request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        started.append((n, first_done.is_set()))
+        if n == 0:
+            await asyncio.sleep(0.3)
+            first_done.set()
+        return web.json_response({"id": n})
+
+    server = serve(app_with(("GET", "/items/{n}", item)))
+    write_flow(
+        HEAD
+        + """
+inputs:
+  type: object
+  properties: {ids: {type: array, default: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}}
+steps:
+  - id: items
+    for_each: "inputs.ids"
+    concurrency: 2
+    request: {service: api, path: "/items/{{ item }}"}
+    records: body
+    emit: items
+"""
+    )
+    result = run(cli, server)
+    assert result.code == 0, result.stderr
+    assert records(tmp_path) == [{"id": n} for n in range(10)]
+    # While item 0 was held, items 1 to 3 were sent and answered; the rest waited for it.
+    assert sorted(n for n, after in started if not after) == [0, 1, 2, 3]
+    assert sorted(n for n, _ in started) == list(range(10))
+
+
 def test_service_max_concurrency_caps_two_steps_at_once(
     serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
