@@ -759,14 +759,7 @@ class FlowRun:
                 "body": None,
                 "url": request.url,
             }
-        return {
-            **scope,
-            "status": response.status,
-            "reason": response.reason,
-            "headers": response.headers,
-            "body": response.data,
-            "url": response.url,
-        }
+        return {**scope, **_response_dict(response)}
 
     def _request_fields(
         self, request: PreparedRequest, response: Response | None
