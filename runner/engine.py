@@ -40,7 +40,7 @@ from .http import (
     origin,
     retry_after_seconds,
 )
-from .model import FieldSpec, Flow, RuleSpec, SetSpec, StepSpec
+from .model import FieldSpec, Flow, RuleSpec, ServiceSpec, SetSpec, StepSpec
 from .outputs import Outputs
 from .paginate import Pagination
 from .redact import Redactor
@@ -531,13 +531,9 @@ class FlowRun:
         base_url = ""
         if service is not None:
             if service.base_url is not None:
-                base_url = self.fixed_base_urls.get(service.name, "")
-            if service.base_url is not None and not base_url:
-                if "auth" in service.base_url.names and service.name not in self.auth_scope:
-                    await self._obtain_token(service.name, scope)
-                base_url = _as_str(service.base_url.render(scope), "base_url")
-                if service.base_url.lookups_only and service.base_url.names <= RUN_CONSTANT_NAMES:
-                    self.fixed_base_urls[service.name] = base_url
+                base_url = self.fixed_base_urls.get(service.name) or await self._base_url(
+                    service, scope
+                )
             if service.headers is not None:
                 headers.update(_header_values(service.headers.render(scope)))
         if spec.url is not None:
@@ -593,6 +589,17 @@ class FlowRun:
             headers=headers,
             body=body,
         )
+
+    async def _base_url(self, service: ServiceSpec, scope: dict[str, Any]) -> str:
+        """The service's base_url, rendered; kept for the run when nothing in it can change."""
+        template = service.base_url
+        assert template is not None
+        if "auth" in template.names and service.name not in self.auth_scope:
+            await self._obtain_token(service.name, scope)
+        base_url = _as_str(template.render(scope), "base_url")
+        if template.lookups_only and template.names <= RUN_CONSTANT_NAMES:
+            self.fixed_base_urls[service.name] = base_url
+        return base_url
 
     def _check_scheme(self, url: str, allow_insecure: bool) -> None:
         # Checked once per scheme://host[:port] prefix: the same few origins come back on
