@@ -77,7 +77,7 @@ def _loads_fast(data: bytes | str) -> Any:
         buf = data.encode(_UTF8) if isinstance(data, str) else data
     except UnicodeEncodeError:  # lone surrogates: only the stdlib accepts them
         return _loads_stdlib(data)
-    if _LONG_DIGIT_RUN not in buf.translate(_DIGIT_MASK):  # as _orjson_safe: integers stay exact
+    if _orjson_safe(buf):
         try:
             return _ORJSON.loads(buf)
         except ValueError:
@@ -313,7 +313,7 @@ def _decode_json(
     raw: bytes, content_type: str | None, charset: str | None, _: DecodeOptions
 ) -> Any:
     try:
-        if charset is None or _is_utf8(charset):
+        if _is_utf8(charset):
             return json_loads(raw[3:] if raw.startswith(_BOM) else raw)
         return json_loads(raw.decode(charset or _UTF8))
     except ValueError as exc:

@@ -668,7 +668,7 @@ class FlowRun:
         initial_wait: float | None = None,
     ) -> Response:
         assert step.request is not None
-        client = self.clients.get(step.request.service or "") or self.client(step.request.service)
+        client = self.client(step.request.service)
         authorize = self._authorizer(step, request, scope) if self.uses_auth else None
         try:
             response = await client.send(
@@ -742,7 +742,7 @@ class FlowRun:
     def decode(self, step: StepSpec, response: Response) -> None:
         """Decode the body in place of the raw bytes (kept in `response.body` as data)."""
         raw = response.body
-        ctype = response.headers.get("content-type")
+        ctype = response.content_type
         if 200 <= response.status < 300:
             try:
                 data = decode_body(raw, ctype, step.response)

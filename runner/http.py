@@ -684,8 +684,12 @@ class ServiceClient:
         # Only what differs from aiohttp's defaults: each keyword costs a scan of its ~35.
         extra: dict[str, Any] = _NO_EXTRA
         if request.body is not None or request.cookies or proxy is not None:
-            extra = {"data": request.body, "cookies": request.cookies or None, "proxy": proxy}
-            extra["proxy_auth"] = proxy_auth
+            extra = {
+                "data": request.body,
+                "cookies": request.cookies or None,
+                "proxy": proxy,
+                "proxy_auth": proxy_auth,
+            }
         try:
             async with session.request(
                 request.method,

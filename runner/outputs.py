@@ -429,8 +429,6 @@ class FileOutputs(Outputs):
                 if offer is not None:
                     offer(record)
                 try:
-                    buffer += json_dumps_line_bytes(record)  # _encode_line, without a call
-                except UnicodeEncodeError:
                     buffer += _encode_line(record)
                 except (TypeError, ValueError) as exc:
                     raise RunError(
