@@ -6,7 +6,6 @@ Also the project's JSON helpers: `json_loads` and `json_dumps_line`, fast with o
 from __future__ import annotations
 
 import codecs
-import csv
 import importlib
 import io
 import json
@@ -363,6 +362,8 @@ def _loads_line_fast(line: bytes | str) -> Any:
 def _decode_csv(
     raw: bytes, content_type: str | None, charset: str | None, opts: DecodeOptions
 ) -> Any:
+    import csv  # only CSV bodies need it: not imported at start-up
+
     codec = _codec(opts.csv_encoding) if opts.csv_encoding is not None else charset
     if _is_utf8(codec):
         codec = "utf-8-sig"  # tolerates a BOM, which spreadsheets like to write

@@ -5,14 +5,13 @@ problems; also finds flow files in folders and formats problems for people and C
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import functools
 import json
 import os
+import pkgutil
 import re
 from collections.abc import Callable, Iterator, Sequence
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
 from runner.errors import FlowError, Problem, RunnerError, UsageError
@@ -72,8 +71,12 @@ _VALUE_KEYWORDS: Final = frozenset(
 def flow_schema() -> dict[str, Any]:
     """The flow format's JSON Schema, shipped as package data. Shared: do not mutate it."""
     try:
-        text = resources.files("runner.schemas").joinpath(SCHEMA_RESOURCE).read_text("utf-8")
-        schema: dict[str, Any] = json.loads(text)
+        # pkgutil reads it through the package's loader, as importlib.resources would, without
+        # the ~2 ms of importing importlib.resources on every start.
+        data = pkgutil.get_data("runner.schemas", SCHEMA_RESOURCE)
+        if data is None:
+            raise OSError(f"no {SCHEMA_RESOURCE} in runner.schemas")
+        schema: dict[str, Any] = json.loads(data)
     except (OSError, ImportError, ValueError) as exc:
         raise RunnerError(f"the flow schema cannot be read from the installation: {exc}") from exc
     return schema
@@ -163,8 +166,15 @@ def _type_message(expected: str | list[str], value: Any) -> str:
     return f"expected {wanted}, got {_got(value)}"
 
 
+def _closest(word: str, choices: Sequence[str]) -> list[str]:
+    """The one closest choice, if any is close enough: for "did you mean"."""
+    import difflib  # only a flow with a mistake needs it
+
+    return difflib.get_close_matches(word, list(choices), n=1)
+
+
 def _unknown_key_message(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
+    close = _closest(key, allowed)
     if close:
         return f"unknown key '{key}' (did you mean '{close[0]}'?)"
     return f"unknown key '{key}'; expected one of: {', '.join(allowed)}"
@@ -250,7 +260,7 @@ def _findings(error: ValidationError) -> Iterator[_Finding]:
         for key in value:
             if key in allowed or any(p.search(key) for p in patterns):
                 continue
-            close = difflib.get_close_matches(key, allowed, n=1)
+            close = _closest(key, allowed)
             yield _Finding(
                 (*path, key),
                 _unknown_key_message(key, allowed),
@@ -462,7 +472,7 @@ def _walk_steps(
 
 
 def _did_you_mean(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    close = _closest(name, choices)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -707,7 +717,7 @@ def services_problems(doc: Document, known: Sequence[str] | None = None) -> list
         for name in doc.data:
             if name in known_list:
                 continue
-            close = difflib.get_close_matches(str(name), known_list, n=1)
+            close = _closest(str(name), known_list)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             message = f"service '{name}' is not declared by any flow validated{hint}"
             problems.append(doc.problem((name,), message, severity="warning"))
