@@ -276,6 +276,8 @@ class _StaticAuthorizer(_Authorizer):
 
 @dataclass(frozen=True, slots=True)
 class _Token:
+    """A credential obtained by a request, and when to renew it."""
+
     credential: str
     refresh_at: float | None  # clock time from which the token is renewed before use
 
@@ -345,6 +347,8 @@ class _TokenAuthorizer(_Authorizer):
 
 @dataclass(frozen=True, slots=True)
 class _OAuth2Settings:
+    """An OAuth2 token request, rendered: endpoint, client and grant."""
+
     token_url: str
     client_id: str | None
     client_secret: str | None
@@ -427,6 +431,8 @@ class _OAuth2Authorizer(_TokenAuthorizer):
 
 @dataclass(frozen=True, slots=True)
 class _SessionSettings:
+    """A `session` login request, rendered, and where its token goes."""
+
     method: str
     url: str
     query: tuple[tuple[str, str], ...]

@@ -185,6 +185,8 @@ class _LocalNames:
 
 @dataclass(frozen=True, slots=True)
 class DecodeOptions:
+    """How a step's response bodies are decoded: its `response` settings."""
+
     format: str = "auto"  # auto | json | xml | csv | ndjson | text
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     xml_force_list: tuple[str, ...] = ()  # local element names that are always lists

@@ -123,6 +123,8 @@ class DemoConfig:
 
 @dataclass(slots=True)
 class _Export:
+    """An export job of the demo API, done after a few polls."""
+
     id: str
     resource: str
     format: str

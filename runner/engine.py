@@ -67,6 +67,8 @@ def is_unavailable_status(status: int | None) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Goto:
+    """The outcome of a `goto` rule: go on at the step named `target`."""
+
     target: str
 
 
@@ -197,6 +199,8 @@ class StepReport:
 
 @dataclass(slots=True)
 class RunInfo:
+    """The `run` scope: this run's id, start time and flow name."""
+
     run_id: str
     started_at: datetime
     flow_name: str

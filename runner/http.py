@@ -47,6 +47,8 @@ from runner.redact import Redactor
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
+    """At most `requests` requests in any window of `per_seconds` seconds."""
+
     requests: int
     per_seconds: float
 

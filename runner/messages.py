@@ -11,6 +11,8 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
+    """A step's `retry`: attempts, exponential backoff, and the longest Retry-After obeyed."""
+
     max_attempts: int = 4
     initial_delay: float = 0.5
     multiplier: float = 2.0
@@ -20,6 +22,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """A step's `timeout`, in seconds: connect, read (between bytes) and total per attempt."""
+
     connect: float = 10.0
     read: float = 60.0
     total: float = 300.0  # per attempt
@@ -27,6 +31,8 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class TlsOptions:
+    """A service's `tls`: verification, a CA file, a client certificate and key."""
+
     verify: bool = True
     ca_file: str | None = None
     client_cert: str | None = None
@@ -51,6 +57,8 @@ class PreparedRequest:
 
 @dataclass(slots=True)
 class Response:
+    """The final response of a send, its body read in full; `data` is the decoded body."""
+
     status: int
     reason: str
     headers: dict[str, str]  # names lower case; repeated headers joined with ", "

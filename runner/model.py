@@ -62,6 +62,8 @@ class FieldSpec:
 
 @dataclass(frozen=True, slots=True)
 class SetSpec:
+    """One `set` entry: a variable from an expression, optionally a secret."""
+
     name: str
     expression: Expression
     secret: bool = False
@@ -69,6 +71,8 @@ class SetSpec:
 
 @dataclass(frozen=True, slots=True)
 class RuleSpec:
+    """One `on_status` rule: the statuses and condition it matches, its action and effects."""
+
     statuses: tuple[StatusMatch, ...]
     action: str
     when: Expression | None = None
@@ -87,12 +91,16 @@ class RuleSpec:
 
 @dataclass(frozen=True, slots=True)
 class ExpectSpec:
+    """One `expect` entry: a condition the response must meet, and its message."""
+
     that: Expression
     message: Template | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PollSpec:
+    """A step's `poll`: resend until `until` holds, fail on `fail_when` or the timeout."""
+
     until: Expression
     fail_when: Expression | None = None
     interval: float = 5.0
@@ -102,6 +110,8 @@ class PollSpec:
 
 @dataclass(frozen=True, slots=True)
 class PaginateSpec:
+    """A step's `paginate`: the pagination type, where the token goes, and when it ends."""
+
     type: str
     param: str
     location: str = "query"  # query | header | body | none
@@ -120,6 +130,8 @@ class PaginateSpec:
 
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
+    """A step's `request`, compiled: method, service, URL or path, query, headers, body."""
+
     method: str = "GET"
     service: str | None = None
     path: Template | None = None
@@ -138,6 +150,8 @@ AuthOverride = Literal["inherit", "none"] | CompiledValue
 
 @dataclass(frozen=True, slots=True)
 class StepSpec:
+    """One step, compiled: its request, iteration, rules, mapping and output."""
+
     id: str
     path: KeyPath
     request: RequestSpec | None = None
@@ -175,6 +189,8 @@ class StepSpec:
 
 @dataclass(frozen=True, slots=True)
 class ServiceSpec:
+    """One entry of `services`, compiled: base URL, auth, headers and transport settings."""
+
     name: str
     base_url: Template | None = None
     auth: CompiledValue | None = None
@@ -191,6 +207,8 @@ class ServiceSpec:
 
 @dataclass(frozen=True, slots=True)
 class Flow:
+    """A validated flow file, compiled: ready to run."""
+
     file: str
     name: str
     description: str

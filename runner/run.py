@@ -41,6 +41,8 @@ log = logging.getLogger("runner")
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
+    """What a run ended with: the exit code, its status and the summary."""
+
     exit_code: int
     status: str  # success | failed | interrupted
     summary: dict[str, Any]

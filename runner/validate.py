@@ -443,6 +443,8 @@ def _step_expressions(path: Path, step: dict[str, Any]) -> Iterator[_Expr]:
 
 @dataclasses.dataclass(slots=True)
 class _StepInfo:
+    """Where a step sits in the flow, for the checks across steps."""
+
     id: str
     path: Path
     order: int  # position in the flattened order of the flow
