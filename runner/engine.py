@@ -82,7 +82,9 @@ Outcome = str | Goto
 PREFETCH_METHODS = frozenset({"GET", "HEAD"})
 
 
-@dataclass(slots=True)
+# The run's working objects compare by identity (eq=False), as mutable state should; it also
+# spares Python 3.11 compiling a value `__eq__` for each at start-up.
+@dataclass(slots=True, eq=False)
 class Page:
     """A response's records as `records` selected them, before filter, fields and emit."""
 
@@ -160,7 +162,7 @@ class Sink:
         self._ops.clear()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Context:
     """What a step sees: the `steps` scope, the current item, and where its effects go."""
 
@@ -185,7 +187,7 @@ def _empty_step_scope() -> dict[str, Any]:
     return {"records": [], "response": None, "vars": {}}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class StepReport:
     """Per-step counters for the log and the summary."""
 
@@ -197,7 +199,7 @@ class StepReport:
     ok_with_records: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class RunInfo:
     """The `run` scope: this run's id, start time and flow name."""
 
@@ -213,7 +215,7 @@ class RunInfo:
         }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class FlowRun:
     """One run of a flow: its scope, clients, outputs and counters."""
 

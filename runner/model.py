@@ -37,7 +37,10 @@ _SECRET_REF = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
+# The specs compare by identity (eq=False): a compiled spec is equal only to itself, as its
+# Expressions already are. A value `__eq__` and `__hash__` would be two more methods for
+# Python 3.11 to compile at every start, for nothing.
+@dataclass(frozen=True, slots=True, eq=False)
 class StatusMatch:
     """One `status` pattern of a rule: an inclusive range of codes, or `error` (no response)."""
 
@@ -51,7 +54,7 @@ class StatusMatch:
         return not self.error and self.low <= status <= self.high
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class FieldSpec:
     """One output field: JMESPath on the record, or a template with the scope and `record`."""
 
@@ -60,7 +63,7 @@ class FieldSpec:
     template: Template | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SetSpec:
     """One `set` entry: a variable from an expression, optionally a secret."""
 
@@ -69,7 +72,7 @@ class SetSpec:
     secret: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class RuleSpec:
     """One `on_status` rule: the statuses and condition it matches, its action and effects."""
 
@@ -89,7 +92,7 @@ class RuleSpec:
         return any(m.matches(status) for m in self.statuses)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ExpectSpec:
     """One `expect` entry: a condition the response must meet, and its message."""
 
@@ -97,7 +100,7 @@ class ExpectSpec:
     message: Template | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PollSpec:
     """A step's `poll`: resend until `until` holds, fail on `fail_when` or the timeout."""
 
@@ -108,7 +111,7 @@ class PollSpec:
     message: Template | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PaginateSpec:
     """A step's `paginate`: the pagination type, where the token goes, and when it ends."""
 
@@ -128,7 +131,7 @@ class PaginateSpec:
     stop_when: Expression | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class RequestSpec:
     """A step's `request`, compiled: method, service, URL or path, query, headers, body."""
 
@@ -148,7 +151,7 @@ class RequestSpec:
 AuthOverride = Literal["inherit", "none"] | CompiledValue
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class StepSpec:
     """One step, compiled: its request, iteration, rules, mapping and output."""
 
@@ -187,7 +190,7 @@ class StepSpec:
             yield from inner.walk()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ServiceSpec:
     """One entry of `services`, compiled: base URL, auth, headers and transport settings."""
 
@@ -205,7 +208,7 @@ class ServiceSpec:
     allow_cross_host: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Flow:
     """A validated flow file, compiled: ready to run."""
 
