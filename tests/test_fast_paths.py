@@ -236,6 +236,33 @@ except Exception as exc:
     assert out.stdout.splitlines() == ["/items/a%20b/7", "False", "RenderError True"]
 
 
+def test_a_good_flow_loads_without_what_only_mistakes_and_csv_bodies_need(tmp_path: Path) -> None:
+    flow = Path(__file__).resolve().parent.parent / "flows" / "contacts.yaml"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("version: 1\nname: t\nsteps:\n  - id: a\n    requets: {url: x}\n")
+    probe = """
+import sys
+from runner.errors import FlowError
+from runner.run import load_flow
+lazy = ("difflib", "csv", "importlib.resources")
+load_flow(sys.argv[1])
+print(sorted(m for m in lazy if m in sys.modules))
+try:
+    load_flow(sys.argv[2])
+except FlowError as exc:
+    print("difflib" in sys.modules, exc.problems[0].message)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(flow), str(typo)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    good, bad = out.stdout.splitlines()
+    assert good == "[]"
+    assert bad == "True unknown key 'requets' (did you mean 'request'?)"
+
+
 def test_the_cli_collects_no_garbage_while_it_loads_then_freezes_what_it_loaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
