@@ -182,7 +182,7 @@ class StepSpec:
     # (the others stream straight to the writers, and memory stays flat).
     referenced: bool = False
     # `fields` as one compiled function when every field is JMESPath on the record.
-    shape: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
+    shape: Callable[[Any], dict[str, Any]] | None = None
 
     def walk(self) -> Iterator[StepSpec]:
         yield self
@@ -221,7 +221,7 @@ class Flow:
     outputs: Mapping[str, StreamSpec]
     emitted: frozenset[str]  # every stream some emit names
     secrets: frozenset[str]  # secret names read statically, resolved before the first request
-    document: Document = field(repr=False, compare=False)
+    document: Document = field(repr=False)
 
     def all_steps(self) -> Iterator[StepSpec]:
         for step in self.steps:
