@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import mimetypes
 import os
@@ -378,14 +379,24 @@ def _ssl_context(tls: TlsOptions) -> ssl.SSLContext | bool:
     if not tls.verify:
         return False
     if tls == TlsOptions():
-        # aiohttp's own verifying default context: building one costs ~20 ms per client.
-        return True
+        return True  # the default: each https request gets default_tls_context()
     try:
         context = ssl.create_default_context(cafile=tls.ca_file)
         if tls.client_cert:
             context.load_cert_chain(tls.client_cert, tls.client_key)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load TLS files: {exc}") from exc
+    return context
+
+
+@functools.cache
+def default_tls_context() -> ssl.SSLContext:
+    """Verifying, with the system's CAs, for the services with default TLS options; one per
+    process, made on its first https request: loading the CA bundle takes ~20 ms that a run
+    of plain http:// services need not pay. Passed with each https request, so the runner
+    never relies on the contexts aiohttp builds at import (see cli.py)."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])  # as aiohttp's own
     return context
 
 
@@ -692,6 +703,8 @@ class ServiceClient:
                 "proxy": proxy,
                 "proxy_auth": proxy_auth,
             }
+        if self._ssl is True and url.scheme == "https":
+            extra = {**extra, "ssl": default_tls_context()}
         try:
             async with session.request(
                 request.method,

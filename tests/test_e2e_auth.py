@@ -840,6 +840,70 @@ def test_tls_is_verified_by_default_and_ca_file_or_verify_false_make_it_pass(
     assert plain.requests == []
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_default_tls_trusts_the_system_cas_from_the_first_https_request_on(
+    event_loop: str,
+    serve: Serve,
+    serve_tls: Any,
+    certs: Certs,
+    cli: Cli,
+    write_flow: WriteFlow,
+    tmp_path: Path,
+) -> None:
+    # The CLI loads the system's CAs on the first https request, after a plain one here; the
+    # system's CA file is the test certificate, through OpenSSL's SSL_CERT_FILE.
+    async def plain_ok(request: web.Request) -> web.Response:
+        return web.json_response({"tls": False})
+
+    plain_app = web.Application()
+    plain_app.router.add_get("/ok", plain_ok)
+    plain = serve(plain_app)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    url = serve_tls(_tls_app(), context)
+    write_flow(
+        """
+version: 1
+name: t
+services:
+  plain: {base_url: "{{ env.PLAIN }}"}
+  secure: {base_url: "{{ env.API }}"}
+steps:
+  - {id: a, request: {service: plain, path: /ok}, records: body, emit: rows}
+  - {id: b, request: {service: secure, path: /ok}, records: body, emit: rows}
+"""
+    )
+    env = {"PLAIN": plain.url, "API": url, "RUNNER_EVENT_LOOP": event_loop}
+    result = cli("run", "flow.yaml", env={**env, "SSL_CERT_FILE": str(certs.cert)})
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out/rows.jsonl") == [{"tls": False}, {"tls": True}]
+
+    result = cli("run", "flow.yaml", env={**env, "SSL_CERT_FILE": str(certs.client_cert)})
+    assert result.code == 1
+    assert "step 'b'" in result.stderr and "TLS certificate verification failed" in result.stderr
+
+
+def test_the_cli_imports_aiohttp_with_default_contexts_that_trust_nothing(certs: Certs) -> None:
+    # aiohttp's import-time contexts are built without the CA bundle, so they could only
+    # fail a request; a context made afterwards loads the CAs as usual.
+    code = """
+import ssl, sys
+from runner.cli import _import_aiohttp_without_loading_cas
+assert "aiohttp" not in sys.modules
+_import_aiohttp_without_loading_cas()
+import aiohttp.connector as connector
+verified = connector._SSL_CONTEXT_VERIFIED
+made_after = ssl.create_default_context()
+print(verified.verify_mode == ssl.CERT_REQUIRED, verified.check_hostname,
+      verified.cert_store_stats()["x509_ca"], made_after.cert_store_stats()["x509_ca"])
+"""
+    env = {"PATH": "/usr/bin:/bin", "SSL_CERT_FILE": str(certs.cert)}
+    found = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert found.stdout.split() == ["True", "True", "0", "1"]
+
+
 def test_client_certificate_is_presented(
     serve_tls: Any, certs: Certs, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
