@@ -781,6 +781,12 @@ def serve_tls() -> Iterator[Callable[[web.Application, ssl.SSLContext], str]]:
         stop()
 
 
+def _server_context(certs: Certs) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    return context
+
+
 def _tls_app(plain_url: str = "") -> web.Application:
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"tls": True})
@@ -815,9 +821,7 @@ def test_tls_is_verified_by_default_and_ca_file_or_verify_false_make_it_pass(
     tmp_path: Path,
 ) -> None:
     plain = serve(web.Application())
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.cert, certs.key)
-    url = serve_tls(_tls_app(plain.url), context)
+    url = serve_tls(_tls_app(plain.url), _server_context(certs))
     env = {"API": url, "RUNNER_EVENT_LOOP": event_loop}
 
     write_flow(TLS_FLOW.replace("TLS", "tls: {}").replace("PATH", "/ok"))
@@ -858,9 +862,7 @@ def test_default_tls_trusts_the_system_cas_from_the_first_https_request_on(
     plain_app = web.Application()
     plain_app.router.add_get("/ok", plain_ok)
     plain = serve(plain_app)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.cert, certs.key)
-    url = serve_tls(_tls_app(), context)
+    url = serve_tls(_tls_app(), _server_context(certs))
     write_flow(
         """
 version: 1
