@@ -158,11 +158,15 @@ def _import_aiohttp_without_loading_cas() -> None:
         return
     import ssl
 
+    own = vars(ssl.SSLContext).get("set_default_verify_paths")  # None: inherited from C
     ssl.SSLContext.set_default_verify_paths = _skip_verify_paths  # type: ignore[method-assign]
     try:
         import aiohttp  # noqa: F401
     finally:
-        del ssl.SSLContext.set_default_verify_paths  # back to the method it inherits
+        if own is None:
+            del ssl.SSLContext.set_default_verify_paths
+        else:
+            ssl.SSLContext.set_default_verify_paths = own  # type: ignore[method-assign]
 
 
 def _skip_verify_paths(self: ssl.SSLContext) -> None:
