@@ -208,6 +208,9 @@ async def post_unavailable(request: web.Request) -> web.Response:
 
 
 def build_chaos_app() -> web.Application:
+    # Compressing the bomb takes about a second: do it before serving, not inside a request
+    # that a client with a 1 s read timeout is waiting on.
+    gzip_bomb()
     app = web.Application()
     app[HITS] = Counter()
     app.router.add_get("/stall", stall)
