@@ -272,20 +272,21 @@ def _run(
     secrets = Secrets(environ, redactor)
     secrets.resolve(flow.secrets)
     store = StateStore(state_path) if state_path else None
-    if store is not None:
-        store.acquire()
+    outputs: Outputs
+    if output == "-":
+        outputs = StdoutOutputs(flow.outputs, out, state=store)
+    else:
+        outputs = FileOutputs(
+            output_dir, run_id, flow.outputs, flow.emitted, started_at, state=store
+        )
+    outputs.acquire()
     try:
-        saved = store.load() if store is not None else {}
+        saved = outputs.state.load() if outputs.state is not None else {}
         saved_streams = saved.get("streams") or {}
         state_scope = {
             name: {"cursor": (saved_streams.get(name) or {}).get("cursor")}
             for name in set(flow.streams) | set(saved_streams)
         }
-        outputs: Outputs
-        if output == "-":
-            outputs = StdoutOutputs(flow.outputs, out)
-        else:
-            outputs = FileOutputs(output_dir, run_id, flow.outputs, flow.emitted, started_at)
         run = FlowRun(
             flow=flow,
             inputs=values,
@@ -295,7 +296,7 @@ def _run(
             outputs=outputs,
             redactor=redactor,
             info=RunInfo(run_id, started_at, flow.name),
-            refresh_token_store=store,
+            refresh_token_store=outputs.state,
         )
         holder["run"] = run
         check_services_before_run(flow, run)
@@ -307,29 +308,25 @@ def _run(
             outputs.abort()
             raise
         # Cursors first: a cursor that cannot be compared fails the run before anything is
-        # published. Then the outputs (the manifest is the commit point), then the state.
+        # published. Then the destination commits the records and the new state together.
         old = {name: v["cursor"] for name, v in state_scope.items()}
         cursors = outputs.new_cursors(old)
         for stream in run.cut_short_streams:
             if stream in cursors:
                 cursors[stream] = old.get(stream)
-        manifest = outputs.commit()
-        if store is not None:
-            store.save_streams(cursors)
+        outputs.commit(cursors, frozenset(run.cut_short_streams))
         total = sum(outputs.counts.values())
-        where = "stdout" if manifest is None else getattr(outputs, "directory", output_dir)
         log.info(
             "run %s succeeded: %d records in %d streams to %s, %d requests",
             run_id,
             total,
             len(outputs.counts),
-            where,
+            outputs.describe(),
             run.stats.requests,
         )
         return EXIT_OK
     finally:
-        if store is not None:
-            store.release()
+        outputs.release()
 
 
 EVENT_LOOP_VARIABLE = "RUNNER_EVENT_LOOP"

@@ -668,6 +668,42 @@ def test_files_manifest_and_failed_second_run(
     assert read_jsonl(partial) == rows
 
 
+def test_output_dir_is_locked_and_dead_partials_are_removed(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    import fcntl
+    import os
+
+    server = serve(_rows_app([{"id": 1}]))
+    write_flow(OUTPUT_FLOW)
+    env = {"API": server.url}
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / ".rows.jsonl.20240101T000000Z-abcdef.partial"
+    dead.write_text('{"id":0}\n')
+    mine = out / "notes.partial"  # not a partial of a run: left alone
+    mine.write_text("x")
+
+    # Another run holds the folder: exit 75, and nothing in it is touched.
+    fd = os.open(out / ".runner.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = cli("run", "flow.yaml", "--summary", "s.json", env=env)
+        assert result.code == 75, result.stderr
+        assert "another run writes into the output directory" in result.stderr
+        assert summary_of(tmp_path)["exit_code"] == 75
+        assert dead.exists() and not (out / "rows.jsonl").exists()
+        assert server.requests == []
+    finally:
+        os.close(fd)
+
+    result = cli("run", "flow.yaml", env=env)
+    assert result.code == 0, result.stderr
+    assert not dead.exists() and mine.exists()
+    assert read_jsonl(out / "rows.jsonl") == [{"id": 1}]
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial") and p != mine]
+
+
 def test_output_dir_with_run_id_and_stdout(
     serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
