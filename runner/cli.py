@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_OK, EXIT_USAGE, RunnerError, UsageError
 from .redact import Redactor
+
+SINK_VARIABLE = "RUNNER_SINK"
 
 if TYPE_CHECKING:
     import ssl
@@ -189,6 +192,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(
                 "--output takes only '-' (NDJSON on stdout); use --output-dir for files"
             )
+        sink = args.sink
+        if sink is not None and args.output_dir is not None:
+            raise UsageError("--sink and --output-dir both choose where records go: give one")
+        if sink is None and args.output is None and args.output_dir is None:
+            sink = os.environ.get(SINK_VARIABLE) or None  # a flag beats the variable
     except RunnerError as exc:
         if args.summary and not args.dry_run:
             # The summary is written on every exit but --dry-run, so also for a bad flow or bad
@@ -198,8 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_flow(
         flow,
         inputs,
-        output_dir=args.output_dir,
+        output_dir=args.output_dir if args.output_dir is not None else "out",
         output=args.output,
+        sink=sink,
         state=args.state,
         dry_run=args.dry_run,
         summary=args.summary,
@@ -248,8 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inputs-file", metavar="F", help="inputs as JSON or YAML")
     run.add_argument("--services", metavar="F", help="service settings that override the flow's")
     target = run.add_mutually_exclusive_group()
-    target.add_argument("--output-dir", default="out", metavar="D", help="default: out/")
+    target.add_argument("--output-dir", metavar="D", help="JSONL files in D (default: out/)")
     target.add_argument("--output", metavar="-", help="'-': NDJSON records on stdout")
+    run.add_argument(
+        "--sink",
+        metavar="URL",
+        help="sqlite:///path.db, postgresql://user@host/db?schema=s or singer "
+        f"(default: ${SINK_VARIABLE}, else the files of --output-dir)",
+    )
     run.add_argument("--state", metavar="F", help="the state file (cursors, refresh tokens)")
     run.add_argument("--dry-run", action="store_true", help="render first requests, send none")
     run.add_argument("--summary", metavar="F", help="write the run summary (JSON) to F")

@@ -515,6 +515,7 @@ class _Builder:
                 cursor_type=cursor_type,
                 schema=spec.get("schema"),
                 on_invalid=spec.get("on_invalid", "fail"),
+                write=spec.get("write"),
             )
         return out
 

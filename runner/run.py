@@ -32,7 +32,8 @@ from .errors import (
 from .http import is_loopback
 from .loader import load_document
 from .model import NO_INPUTS, Flow, build_flow
-from .outputs import FileOutputs, Outputs, StateStore, StdoutOutputs, atomic_write
+from .outputs import atomic_write
+from .outputs.sinks import make_outputs
 from .redact import Redactor
 from .secrets import Secrets
 
@@ -144,7 +145,10 @@ def check_services_before_run(flow: Flow, run: FlowRun) -> None:
         if not isinstance(step.auth, str):
             auth_types.append(_auth_type(step.auth.source))
         if "oauth2_refresh_token" in auth_types and run.refresh_token_store is None:
-            raise UsageError("oauth2_refresh_token needs --state to keep the rotated refresh token")
+            raise UsageError(
+                "oauth2_refresh_token needs --state or a database sink to keep the rotated "
+                "refresh token"
+            )
 
 
 def _auth_type(source: Any) -> str | None:
@@ -160,6 +164,7 @@ def run_flow(
     *,
     output_dir: str = "out",
     output: str | None = None,
+    sink: str | None = None,
     state: str | None = None,
     dry_run: bool = False,
     summary: str | None = None,
@@ -186,6 +191,10 @@ def run_flow(
             raise UsageError("pass services= together with a flow path, not a loaded Flow")
         flow_name = flow.name
         if dry_run:
+            if sink is not None:  # checked, never connected: a dry run writes nothing
+                from .outputs.sinks import check_sink
+
+                check_sink(sink, output, state, environ, redactor)
             show_dry_run(flow, prepare_inputs(flow, inputs), environ, out, state)
             return RunResult(EXIT_OK, "success", {})
         result = _run(
@@ -193,6 +202,7 @@ def run_flow(
             inputs,
             output_dir,
             output,
+            sink,
             state,
             timeout,
             environ,
@@ -257,6 +267,7 @@ def _run(
     inputs: Mapping[str, Any] | None,
     output_dir: str,
     output: str | None,
+    sink: str | None,
     state_path: str | None,
     timeout: float | None,
     environ: dict[str, str],
@@ -271,14 +282,20 @@ def _run(
     new_loop = loop_factory(environ)
     secrets = Secrets(environ, redactor)
     secrets.resolve(flow.secrets)
-    store = StateStore(state_path) if state_path else None
-    outputs: Outputs
-    if output == "-":
-        outputs = StdoutOutputs(flow.outputs, out, state=store)
-    else:
-        outputs = FileOutputs(
-            output_dir, run_id, flow.outputs, flow.emitted, started_at, state=store
-        )
+    outputs = make_outputs(
+        sink=sink,
+        output=output,
+        output_dir=output_dir,
+        state_path=state_path,
+        flow=flow.name,
+        streams=flow.outputs,
+        emitted=flow.emitted,
+        run_id=run_id,
+        started_at=started_at,
+        out=out,
+        environ=environ,
+        redactor=redactor,
+    )
     outputs.acquire()
     try:
         saved = outputs.state.load() if outputs.state is not None else {}

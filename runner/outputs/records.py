@@ -47,6 +47,8 @@ class StreamSpec:
     cursor_type: str | None = None
     schema: Mapping[str, Any] | None = None
     on_invalid: str = "fail"
+    # merge | append | replace; None: merge with a primary key, else append.
+    write: str | None = None
 
     def __post_init__(self) -> None:
         if not STREAM_NAME.fullmatch(self.name):
@@ -58,6 +60,12 @@ class StreamSpec:
             raise UsageError(
                 f"outputs.{self.name}.on_invalid: {self.on_invalid!r} is not one of fail, skip"
             )
+        if self.write is not None and self.write not in WRITE_MODES:
+            raise UsageError(
+                f"outputs.{self.name}.write: {self.write!r} is not one of merge, append, replace"
+            )
+        if self.write == "merge" and not self.primary_key:
+            raise UsageError(f"outputs.{self.name}.write: merge needs a primary_key")
         if self.cursor_type is not None and self.cursor_type not in CURSOR_TYPES:
             raise UsageError(
                 f"outputs.{self.name}.cursor.type: {self.cursor_type!r} is not one of "

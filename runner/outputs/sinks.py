@@ -1,0 +1,111 @@
+"""Choosing the destination of a run: `--sink URL` (or `RUNNER_SINK`), `--output -`, or the
+JSONL files of `--output-dir`. A bad URL, an unknown scheme or a missing driver is a usage
+error (exit 2) before anything is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TextIO
+from urllib.parse import unquote, urlsplit
+
+from runner.errors import UsageError
+from runner.redact import Redactor
+from runner.secrets import read_secret
+
+from .base import Outputs
+from .files import FileOutputs, StdoutOutputs
+from .records import StreamSpec
+from .state import StateStore
+
+SCHEMES = ("sqlite", "postgresql", "postgres", "singer")
+
+
+@dataclass(frozen=True, slots=True)
+class Sink:
+    """A parsed `--sink` URL: which destination, and where."""
+
+    kind: str  # sqlite | postgresql | singer
+    url: str  # as given (the password redacted when shown)
+    path: str = ""  # sqlite: the database file
+    schema: str = "public"  # postgresql: where tables and _runner_state live
+
+    @property
+    def is_database(self) -> bool:
+        return self.kind in ("sqlite", "postgresql")
+
+
+def parse_sink(url: str, environ: Mapping[str, str], redactor: Redactor) -> Sink:
+    """Check a sink URL without connecting; the password joins the redactor."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise UsageError(
+            f"--sink {url!r}: expected sqlite:///path.db, postgresql://user@host/db or singer"
+        )
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise UsageError(
+                f"--sink {url!r}: a SQLite URL has no host: sqlite:///rel/path.db or "
+                "sqlite:////abs/path.db"
+            )
+        if parts.query or parts.fragment:
+            raise UsageError(f"--sink {url!r}: a SQLite URL takes no query or fragment")
+        path = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+        if not path or path.endswith("/"):
+            raise UsageError(f"--sink {url!r}: no database file in the URL")
+        return Sink("sqlite", url, path=path)
+    raise UsageError(f"--sink {url!r}: unknown scheme {scheme!r}; expected sqlite")
+
+
+def sink_password(environ: Mapping[str, str]) -> str | None:
+    """`PGPASSWORD` from the environment, else the file PGPASSWORD in RUNNER_SECRETS_DIR."""
+    return read_secret("PGPASSWORD", environ)
+
+
+def check_sink(
+    sink: str,
+    output: str | None,
+    state_path: str | None,
+    environ: Mapping[str, str],
+    redactor: Redactor,
+) -> Sink:
+    """The parsed sink, or UsageError for a bad URL or a flag that conflicts with it."""
+    if output is not None:
+        raise UsageError("--sink and --output - both choose where records go: give one")
+    parsed = parse_sink(sink, environ, redactor)
+    if parsed.is_database and state_path:
+        raise UsageError(
+            f"--state with a database sink: the state lives in the database ({parsed.kind})"
+        )
+    return parsed
+
+
+def make_outputs(
+    *,
+    sink: str | None,
+    output: str | None,
+    output_dir: str,
+    state_path: str | None,
+    flow: str,
+    streams: Mapping[str, StreamSpec],
+    emitted: Iterable[str],
+    run_id: str,
+    started_at: datetime,
+    out: TextIO,
+    environ: Mapping[str, str],
+    redactor: Redactor,
+) -> Outputs:
+    """The run's destination, not yet acquired or opened."""
+    store = StateStore(state_path) if state_path else None
+    if sink is None:
+        if output == "-":
+            return StdoutOutputs(streams, out, state=store)
+        return FileOutputs(output_dir, run_id, streams, emitted, started_at, state=store)
+    parsed = check_sink(sink, output, state_path, environ, redactor)
+    from .sqlite import SqliteOutputs
+
+    return SqliteOutputs(parsed.path, streams, emitted, flow=flow, run_id=run_id)
