@@ -10,13 +10,21 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
-from runner.errors import DecodeError, RunError, UnavailableError, UsageError
+from runner.errors import (
+    BODY_KEEP_CHARS,
+    DecodeError,
+    RunError,
+    SecurityError,
+    UnavailableError,
+    UsageError,
+)
 from runner.expressions import Expression, compile_expression
 from runner.http import (
     PreparedRequest,
@@ -48,6 +56,7 @@ _FORM = "application/x-www-form-urlencoded"
 _DEFAULT_TLS = TlsOptions()
 _DEFAULT_TIMEOUTS = Timeouts()
 _DEFAULT_RETRY = RetryPolicy()
+_LINE_BREAK = re.compile(r"[\r\n\x00]")
 
 
 class RefreshTokenStore(Protocol):
@@ -180,6 +189,7 @@ class ServiceAuth:
             timeouts=self._timeouts,
             retry_unsafe=True,  # token and login requests are safe to repeat
             max_body_bytes=MAX_TOKEN_BODY_BYTES,
+            same_origin=True,  # the body holds the credentials: never sent elsewhere
         )
         if 200 <= response.status < 300:
             return response
@@ -190,7 +200,7 @@ class ServiceAuth:
             url=self._redactor.redact(request.url),
             status=response.status,
             reason=response.reason,
-            body=self._redactor.redact(response.body.decode("utf-8", "replace")),
+            body=self._redactor.excerpt(response.body, BODY_KEEP_CHARS),
             attempts=response.attempts,
             elapsed_s=response.elapsed_s,
         )
@@ -217,6 +227,12 @@ class _Placement:
     def put(self, request: PreparedRequest, credential: str) -> PreparedRequest:
         # Replacing (not adding) keeps apply() idempotent on a request already authorized.
         value = self.prefix + credential
+        if _LINE_BREAK.search(value):
+            # A header split in two would smuggle another header (or a second request).
+            raise SecurityError(
+                f"the credential for {self.location} '{self.name}' contains a line break "
+                "(CR, LF or NUL): refused"
+            )
         if self.location == "header":
             lower = self.name.lower()
             headers = {k: v for k, v in request.headers.items() if k.lower() != lower}

@@ -8,13 +8,14 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import EXIT_OK, EXIT_USAGE, RunnerError, UsageError
+from .errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, InterruptedRun, RunnerError, UsageError
 from .redact import Redactor
 
 SINK_VARIABLE = "RUNNER_SINK"
@@ -36,6 +37,11 @@ class _RedactingFilter(logging.Filter):
         if self.redactor:
             record.msg = self.redactor.redact(record.getMessage())
             record.args = None
+            if record.exc_info:
+                # A traceback quotes exception messages, which may hold a secret.
+                text = logging.Formatter().formatException(record.exc_info)
+                record.exc_text = self.redactor.redact(text)
+                record.exc_info = None
         return True
 
 
@@ -176,9 +182,17 @@ def _skip_verify_paths(self: ssl.SSLContext) -> None:
     return None
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # Until the run's event loop takes the signals over: loading a large flow, reading inputs.
+    raise InterruptedRun(signal.Signals(signum).name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     redactor = Redactor()
+    args.redactor = redactor
     setup_logging(args.log_format, redactor, args.verbose)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     flow_name = str(args.flow)
     try:
         with _collector_paused():
@@ -295,18 +309,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    redact = _redact_with(args)
     try:
         code: int = args.handler(args)
     except RunnerError as exc:
-        sys.stderr.write(f"runner: {exc}\n")
-        return exc.exit_code
+        sys.stderr.write(f"runner: {redact(str(exc))}\n")
+        return exc.code if isinstance(exc, InterruptedRun) else exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_SIGINT
     except Exception as exc:  # a bug of ours: one line, not a traceback (-v logs it)
         log.debug("internal error", exc_info=True)
-        sys.stderr.write(f"runner: internal error: {type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"runner: internal error: {redact(f'{type(exc).__name__}: {exc}')}\n")
         return 1
     return code
+
+
+def _redact_with(args: argparse.Namespace) -> Callable[[str], str]:
+    """The run's redactor, once the command has made one (it learns secrets as they come)."""
+
+    def redact(text: str) -> str:
+        redactor = getattr(args, "redactor", None)
+        return redactor.redact(text) if redactor is not None else text
+
+    return redact
 
 
 def entry() -> None:

@@ -23,7 +23,7 @@ from defusedxml import (
     ExternalReferenceForbidden,
 )
 
-from runner.errors import DecodeError
+from runner.errors import BODY_KEEP_CHARS, DecodeError
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 FORMATS = ("auto", "json", "xml", "csv", "ndjson", "text")
@@ -32,6 +32,9 @@ XML_NAMESPACES = ("strip", "keep")
 _FORMAT_NAMES = {"json": "JSON", "ndjson": "NDJSON", "csv": "CSV", "xml": "XML", "text": "text"}
 _NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 _XML_TYPES = frozenset({"application/xml", "text/xml"})
+# Elements nested in elements, at most: each level becomes an object, and the JSON writers
+# stop at 255 levels (orjson), or at Python's recursion limit.
+MAX_XML_DEPTH = 200
 _UTF8 = "utf-8"
 _BOM = codecs.BOM_UTF8
 
@@ -301,7 +304,7 @@ def _invalid(fmt: str, content_type: str | None, raw: bytes, detail: object) -> 
     where = f"Content-Type {content_type}" if content_type is not None else "no Content-Type"
     return DecodeError(
         f"response is not valid {_FORMAT_NAMES[fmt]} ({where}): {detail}",
-        body=body_excerpt(raw),
+        body=body_excerpt(raw, BODY_KEEP_CHARS),  # redacted before it is cut
     )
 
 
@@ -459,25 +462,52 @@ def _without_xmlns(handler: Callable[[str, list[str]], None]) -> Callable[[str, 
     return start
 
 
+def _depth_counted(
+    handler: Callable[[str, list[str]], None], depth: list[int]
+) -> Callable[[str, list[str]], None]:
+    def start(name: str, attrs: list[str]) -> None:
+        depth[0] += 1
+        if depth[0] > MAX_XML_DEPTH:
+            # Deeper data would break the recursive writers (JSON) with a RecursionError.
+            raise ValueError(f"XML nested deeper than {MAX_XML_DEPTH} elements")
+        handler(name, attrs)
+
+    return start
+
+
+def _depth_released(handler: Callable[[str], None], depth: list[int]) -> Callable[[str], None]:
+    def end(name: str) -> None:
+        depth[0] -= 1
+        handler(name)
+
+    return end
+
+
 class _GuardedParser:
     """The pyexpat parser xmltodict drives, with the handlers that keep it safe left in place.
 
     A DTD is refused as soon as it starts, before any entity in it is declared or expanded.
     """
 
-    __slots__ = ("_keep_namespaces", "_parser")
+    __slots__ = ("_depth", "_keep_namespaces", "_parser")
     _parser: Any
     _keep_namespaces: bool
+    _depth: list[int]
 
     def __init__(self, parser: Any, keep_namespaces: bool) -> None:
         object.__setattr__(self, "_parser", parser)
         object.__setattr__(self, "_keep_namespaces", keep_namespaces)
+        object.__setattr__(self, "_depth", [0])
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("StartNamespaceDeclHandler", "EntityDeclHandler"):
             return  # ours refuses entities; namespace declarations would become `@xmlns`
-        if name == "StartElementHandler" and self._keep_namespaces:
-            value = _without_xmlns(value)
+        if name == "StartElementHandler":
+            if self._keep_namespaces:
+                value = _without_xmlns(value)
+            value = _depth_counted(value, self._depth)
+        elif name == "EndElementHandler":
+            value = _depth_released(value, self._depth)
         setattr(self._parser, name, value)
 
     def Parse(self, data: bytes | str, isfinal: bool = False) -> int:  # expat's name
@@ -539,7 +569,7 @@ def _decode_xml(
         where = f"Content-Type {content_type}" if content_type is not None else "no Content-Type"
         raise DecodeError(
             f"XML with a DTD or entity declarations is refused ({where})",
-            body=body_excerpt(raw),
+            body=body_excerpt(raw, BODY_KEEP_CHARS),  # redacted before it is cut
         ) from exc
     except (expat.ExpatError, ValueError) as exc:
         raise _invalid("xml", content_type, raw, exc) from exc

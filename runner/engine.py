@@ -14,8 +14,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .decode import body_excerpt, decode_body, decode_lenient
+from .decode import decode_body, decode_lenient
 from .errors import (
+    BODY_KEEP_CHARS,
     DecodeError,
     ExpectError,
     RenderError,
@@ -28,8 +29,10 @@ from .http import (
     PreparedRequest,
     RateLimit,
     Response,
+    RetryPolicy,
     ServiceClient,
     Stats,
+    Timeouts,
     TlsOptions,
     TransportError,
     backoff_delay,
@@ -313,6 +316,8 @@ class FlowRun:
             stats=self.stats,
             redactor=self.redactor,
             tls=spec.tls if spec else TlsOptions(),
+            timeouts=spec.timeout if spec else Timeouts(),
+            retry=spec.retry if spec else RetryPolicy(),
             refresh_token_store=self.refresh_token_store,
             allow_insecure_http=spec.allow_insecure_http if spec else False,
         )
@@ -785,7 +790,7 @@ class FlowRun:
             fields.update(
                 status=response.status,
                 reason=response.reason,
-                body=self.redactor.redact(body_excerpt(response.body)),
+                body=self.redactor.excerpt(response.body, BODY_KEEP_CHARS),
                 attempts=response.attempts,
                 elapsed_s=response.elapsed_s,
             )

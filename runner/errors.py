@@ -20,6 +20,7 @@ step and item with `RunError.in_context`, so that every failure names its place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,6 +33,9 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 BODY_EXCERPT_CHARS = 500
+# What an error keeps of a body: more than it shows, so that a secret that straddles the
+# excerpt's end is still whole when the body is redacted, and masked, not cut in two.
+BODY_KEEP_CHARS = BODY_EXCERPT_CHARS + 16384
 
 
 def format_path(path: tuple[str | int, ...] | list[str | int]) -> str:
@@ -174,7 +178,7 @@ class RunError(RunnerError):
         self.url = url
         self.status = status
         self.reason = reason
-        self.body = body[:BODY_EXCERPT_CHARS] if body is not None else None
+        self._body = body[:BODY_KEEP_CHARS] if body is not None else None
         self.attempts = attempts
         self.elapsed_s = elapsed_s
 
@@ -183,6 +187,28 @@ class RunError(RunnerError):
         for name, value in context.items():
             if getattr(self, name, None) is None and value is not None:
                 setattr(self, name, value)
+        return self
+
+    @property
+    def body(self) -> str | None:
+        """The start of the response body, as shown (BODY_EXCERPT_CHARS)."""
+        return self._body[:BODY_EXCERPT_CHARS] if self._body is not None else None
+
+    @body.setter
+    def body(self, value: str | None) -> None:
+        self._body = value[:BODY_KEEP_CHARS] if value is not None else None
+
+    def redacted(self, redact: Callable[[str], str]) -> RunError:
+        """Masks secrets in every field shown, the body before it is cut to its excerpt (a
+        secret across the cut is masked whole); returns self."""
+        self.message = redact(self.message)
+        self.args = (self.message,)
+        if self.url is not None:
+            self.url = redact(self.url)
+        if self.reason is not None:
+            self.reason = redact(self.reason)
+        if self._body is not None:
+            self._body = redact(self._body)
         return self
 
     def __str__(self) -> str:

@@ -232,6 +232,31 @@ def compile_expression(source: str) -> Expression:
     return _compile_expression(source)
 
 
+# Brackets, parentheses and operators nested in one another, at most: the expression is
+# evaluated by recursion, and a deeper one would end in a RecursionError.
+MAX_NESTING = 100
+
+
+def _too_deep(language: str) -> str:
+    return f"{language}: the expression is nested more than {MAX_NESTING} levels deep"
+
+
+def _tree_depth(tree: dict[str, Any]) -> int:
+    """The depth of a parsed JMESPath expression, measured without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            return deepest
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.get("children", ()))
+        elif isinstance(node, list):
+            stack.extend((child, depth) for child in node)
+    return deepest
+
+
 # A typed front for the cache: lru_cache's wrapper would hide the signature from mypy.
 @functools.lru_cache(maxsize=8192)
 def _compile_expression(source: str) -> Expression:
@@ -239,7 +264,11 @@ def _compile_expression(source: str) -> Expression:
         tree = jmespath.compile(source).parsed
     except jexc.JMESPathError as exc:
         raise ExpressionError(_syntax_message(source, exc)) from exc
+    except RecursionError:
+        raise ExpressionError(_too_deep("JMESPath")) from None
     parsed = cast("dict[str, Any]", tree)
+    if _tree_depth(parsed) > MAX_NESTING:
+        raise ExpressionError(_too_deep("JMESPath"))
     _check_functions(source, parsed)
 
     path = _plain_path(parsed)

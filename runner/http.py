@@ -25,8 +25,9 @@ from aiohttp.helpers import ProxyInfo, proxies_from_env
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from runner.decode import BodyLimit
+from runner.decode import BodyLimit, body_excerpt
 from runner.errors import (
+    BODY_KEEP_CHARS,
     DecodeError,
     RenderError,
     RunError,
@@ -232,7 +233,12 @@ def _strip_query(url: URL, names: set[str]) -> URL:
 
 
 def redirect_request(
-    request: PreparedRequest, status: int, location: str, *, allow_insecure_http: bool = False
+    request: PreparedRequest,
+    status: int,
+    location: str,
+    *,
+    allow_insecure_http: bool = False,
+    same_origin: bool = False,
 ) -> PreparedRequest:
     """The next hop of a redirect, following browsers and RFC 9110.
 
@@ -259,6 +265,13 @@ def redirect_request(
     sensitive_headers = request.sensitive_headers
     sensitive_query = request.sensitive_query
     if _origin(target, shown) != _origin(current, str(current)):
+        if same_origin:
+            raise SecurityError(
+                f"redirect to another origin refused ({status} to "
+                f"{target.with_query(None)}): its credentials may not follow",
+                url=str(current),
+                status=status,
+            )
         dropped = ALWAYS_SENSITIVE | {name.lower() for name in sensitive_headers}
         headers = {k: v for k, v in headers.items() if k.lower() not in dropped}
         target = _strip_query(target, sensitive_query)
@@ -306,10 +319,18 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
 _RATELIMIT_FIELD = re.compile(r"([A-Za-z-]+)\s*=\s*\"?([0-9.]+)")
 
 
-def _reset_seconds(value: str, now: float) -> float | None:
+def _number(value: str) -> float | None:
+    """A header's number; None for anything else (`1.2.3`, `.`): a server's garbage is ignored."""
     try:
-        reset = float(value.strip())
+        number = float(value.strip())
     except ValueError:
+        return None
+    return None if number != number else number  # NaN
+
+
+def _reset_seconds(value: str, now: float) -> float | None:
+    reset = _number(value)
+    if reset is None:
         return None
     return max(0.0, reset - now) if reset > EPOCH_THRESHOLD else max(0.0, reset)
 
@@ -332,7 +353,7 @@ def rate_limit_wait(headers: Mapping[str, str], now: float | None = None) -> flo
         fields = {k.lower(): v for k, v in _RATELIMIT_FIELD.findall(combined)}
         remaining = fields.get("remaining", fields.get("r"))
         reset = fields.get("reset", fields.get("t"))
-        if remaining is not None and reset is not None and float(remaining) == 0:
+        if remaining is not None and reset is not None and _number(remaining) == 0:
             return _reset_seconds(reset, wall)
     return None
 
@@ -548,11 +569,14 @@ class ServiceClient:
         first_attempt: int = 1,
         initial_wait: float | None = None,
         authorize: Authorize | None = None,
+        same_origin: bool = False,
     ) -> Response:
         """Sends with retries, redirects, rate limit and 401 refresh; returns the final response.
 
         A retryable status left after the last attempt is returned as is (the engine's rules
         decide); a transport failure after the last attempt raises TransportError.
+        `same_origin`: a redirect to another origin fails (SecurityError) instead of being
+        followed without credentials, for requests whose body is the credential.
         """
         started = self._clock()
         attempt = first_attempt
@@ -575,7 +599,9 @@ class ServiceClient:
                 resend = True
                 sent = await authorize.apply(request) if authorize is not None else request
                 try:
-                    response = await self._follow(sent, retry, timeout, timeouts, max_body_bytes)
+                    response = await self._follow(
+                        sent, retry, timeout, timeouts, max_body_bytes, same_origin
+                    )
                 except _Attempt as failure:
                     if not can_retry or attempt >= retry.max_attempts:
                         raise TransportError(
@@ -605,11 +631,9 @@ class ServiceClient:
     def _located(
         self, exc: RunError, request: PreparedRequest, attempt: int, started: float
     ) -> RunError:
-        redact = self._redactor.redact
-        exc.message = redact(exc.message)
-        exc.url = redact(exc.url if exc.url is not None else str(_safe_url(request)))
-        if exc.body is not None:
-            exc.body = redact(exc.body)
+        if exc.url is None:
+            exc.url = str(_safe_url(request))
+        exc.redacted(self._redactor.redact)
         return exc.in_context(
             method=request.method, attempts=attempt, elapsed_s=self._since(started)
         )
@@ -625,7 +649,7 @@ class ServiceClient:
                 url=response.url,
                 status=response.status,
                 reason=response.reason,
-                body=response.body.decode("utf-8", "replace"),
+                body=body_excerpt(response.body, BODY_KEEP_CHARS),
             )
         return retry_after
 
@@ -636,6 +660,7 @@ class ServiceClient:
         timeout: aiohttp.ClientTimeout,
         timeouts: Timeouts,
         max_body_bytes: int,
+        same_origin: bool = False,
     ) -> Response:
         """One attempt: the request and its redirect hops, each hop a request of its own."""
         hops = 0
@@ -667,6 +692,7 @@ class ServiceClient:
                 response.status,
                 location,
                 allow_insecure_http=self._allow_insecure_http,
+                same_origin=same_origin,
             )
 
     async def _wait_for_pause(self, retry: RetryPolicy) -> None:

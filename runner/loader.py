@@ -26,6 +26,9 @@ Path = tuple[str | int, ...]
 
 # Nodes copied through aliases, in total, before a file is refused as an alias bomb.
 MAX_ALIAS_NODES: Final = 10_000
+# Bytes of keys and strings copied through aliases, in total: one large string aliased many
+# times is a bomb too, whatever the count of nodes.
+MAX_ALIAS_BYTES: Final = 1024 * 1024
 # Deeper data breaks recursive consumers (jsonschema, JSON writers) with a RecursionError.
 MAX_DEPTH: Final = 200
 
@@ -155,6 +158,10 @@ class _TooDeep(Exception):
     """An alias that would nest the data deeper than MAX_DEPTH."""
 
 
+class _TooLarge(Exception):
+    """Aliases that would copy more than MAX_ALIAS_BYTES."""
+
+
 class _Frame:
     """An open mapping or sequence while its events arrive."""
 
@@ -200,6 +207,7 @@ class _Builder:
         self.anchors: dict[str, tuple[Any, str | None]] = {}
         self.open_anchors: set[str] = set()
         self.alias_nodes = 0
+        self.alias_bytes = 0
         self.data: Any = None
         self._lines: list[str] | None = None
 
@@ -372,6 +380,13 @@ class _Builder:
             copy = self.copy(value, depth)
         except _TooDeep:
             raise self.fatal(line, column, (), f"nested deeper than {MAX_DEPTH} levels") from None
+        except _TooLarge:
+            raise self.fatal(
+                line,
+                column,
+                path,
+                f"too many aliases: more than {MAX_ALIAS_BYTES} bytes expanded through aliases",
+            ) from None
         if self.alias_nodes > MAX_ALIAS_NODES:
             raise self.fatal(
                 line,
@@ -381,13 +396,22 @@ class _Builder:
             )
         return copy
 
+    def count_bytes(self, size: int) -> None:
+        self.alias_bytes += size
+        if self.alias_bytes > MAX_ALIAS_BYTES:
+            raise _TooLarge
+
     def copy(self, value: Any, depth: int) -> Any:
         self.alias_nodes += 1
+        if isinstance(value, str):
+            self.count_bytes(len(value.encode("utf-8", "surrogatepass")))
+            return value
         if isinstance(value, dict | list):
             # The same limit as for nesting written out: an alias must not get around it.
             if depth >= MAX_DEPTH:
                 raise _TooDeep
             if isinstance(value, dict):
+                self.count_bytes(sum(len(str(k)) for k in value))
                 return {k: self.copy(v, depth + 1) for k, v in value.items()}
             return [self.copy(v, depth + 1) for v in value]
         return value

@@ -220,6 +220,10 @@ def run_flow(
         if not isinstance(exc, RunnerError):
             log.debug("internal error", exc_info=True)
             exc = RunError(f"internal error: {type(exc).__name__}: {exc}", kind="internal")
+        if isinstance(exc, RunError):
+            exc.redacted(redactor.redact)  # the body before it is cut to its excerpt
+        else:
+            exc.message = redactor.redact(exc.message)
         error = exc
         exit_code = exc.code if isinstance(exc, InterruptedRun) else exc.exit_code
         message = redactor.redact(str(exc))
@@ -256,10 +260,16 @@ def write_summary(path: str, data: dict[str, Any]) -> None:
 def failure_before_run(flow_name: str, error: RunnerError, redactor: Redactor) -> dict[str, Any]:
     """The summary of a run that failed before it started (a bad flow, bad inputs)."""
     started = datetime.now(UTC)
+    interrupted = isinstance(error, InterruptedRun)
     return _summary(
-        new_run_id(started), flow_name, "failed", error.exit_code, started, 0.0, None, error,
-        redactor,
+        new_run_id(started), flow_name, "interrupted" if interrupted else "failed",
+        exit_code_of(error), started, 0.0, None, error, redactor,
     )  # fmt: skip
+
+
+def exit_code_of(error: RunnerError) -> int:
+    """The process's exit code for an error: 130 or 143 for a signal, else the class's."""
+    return error.code if isinstance(error, InterruptedRun) else error.exit_code
 
 
 def _run(
