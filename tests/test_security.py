@@ -454,3 +454,22 @@ def test_the_schema_bounds_stream_names() -> None:
     schema = json.loads((ROOT / "schemas/flow.schema.json").read_text())
     assert schema["$defs"]["stream"]["maxLength"] == 63
     assert schema["properties"]["outputs"]["propertyNames"]["maxLength"] == 63
+
+
+def test_a_service_with_auth_needs_a_base_url(cli: Cli, write_flow: WriteFlow) -> None:
+    """Its credentials go only to the base_url's origin: without one, a `url` taken from a
+    response would decide where they go."""
+    write_flow(
+        """version: 1
+name: t
+services:
+  s:
+    auth: {type: bearer, token: x}
+steps:
+  - id: a
+    request: {service: s, url: "http://127.0.0.1:1/x"}
+"""
+    )
+    result = cli("validate", "flow.yaml")
+    assert result.code == 2
+    assert "flow.yaml:4:3: services.s: a service with auth needs a base_url" in result.stderr
