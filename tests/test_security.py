@@ -80,10 +80,7 @@ def test_redactor_masks_every_wire_form(secret: str) -> None:
     redactor = Redactor()
     redactor.add(secret)
     for name, form in wire_forms(secret).items():
-        if name == "basic":
-            text = f"Authorization: Basic {form}"
-        else:
-            text = f"before {form} after"
+        text = f"Authorization: Basic {form}" if name == "basic" else f"before {form} after"
         redacted = redactor.redact(text)
         assert "***" in redacted, name
         assert leaks(redacted, secret) == [], (name, redacted)
@@ -190,9 +187,7 @@ def test_token_request_uses_the_services_read_timeout(
         return web.json_response({"access_token": "late"})
 
     server = serve(app_with(("POST", "/oauth/token", token)))
-    write_flow(
-        OAUTH_FLOW.replace(RETRY, "retry: {max_attempts: 1}\n    timeout: {read: 0.3}")
-    )
+    write_flow(OAUTH_FLOW.replace(RETRY, "retry: {max_attempts: 1}\n    timeout: {read: 0.3}"))
     started = time.monotonic()
     result = cli("run", "flow.yaml", "--summary", "s.json", env={"API": server.url, "SECRET": "s3"})
     assert result.code == 69, result.stderr
@@ -254,10 +249,11 @@ def test_sandbox_caps_sizes(source: str) -> None:
 
 
 def test_sandbox_allows_ordinary_sizes() -> None:
-    source = "{{ '-' * 80 }}|{{ 2 ** 64 }}|{{ '%5s' % 'a' }}|{{ '{:>4}'.format('b') }}|{{ 'c'|center(5) }}"
-    assert compile_template(source).render({}) == (
-        "-" * 80 + f"|{2**64}|    a|   b|  c  "
+    source = (
+        "{{ '-' * 80 }}|{{ 2 ** 64 }}|{{ '%5s' % 'a' }}|{{ '{:>4}'.format('b') }}"
+        "|{{ 'c'|center(5) }}"
     )
+    assert compile_template(source).render({}) == ("-" * 80 + f"|{2**64}|    a|   b|  c  ")
     assert len(compile_template("{{ lipsum(3, html=False) }}").render({})) > 0
 
 
