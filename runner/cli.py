@@ -75,7 +75,7 @@ def setup_logging(fmt: str, redactor: Redactor, verbose: bool = False) -> None:
 
 
 def _read_value_file(path: str) -> Any:
-    from .decode import json_loads
+    from .codec import json_loads
 
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -91,7 +91,7 @@ def _read_value_file(path: str) -> Any:
 
 def coerce_input(name: str, raw: str, schema: Mapping[str, Any]) -> Any:
     """`--input k=v`: v coerced to the type the inputs schema gives k."""
-    from .decode import json_loads
+    from .codec import json_loads
 
     if raw.startswith("@"):
         return _read_value_file(raw[1:])

@@ -1,17 +1,11 @@
-"""Response decoding (JSON, NDJSON, CSV, XML, text) and body size limits.
-
-Also the project's JSON helpers: `json_loads` and `json_dumps_line`, fast with orjson when present.
-"""
+"""Response decoding (JSON, NDJSON, CSV, XML, text) and body size limits."""
 
 from __future__ import annotations
 
 import codecs
-import importlib
 import io
 import json
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 from xml.parsers import expat
@@ -23,11 +17,29 @@ from defusedxml import (
     ExternalReferenceForbidden,
 )
 
+from runner.codec import json_lines_loader, json_loads
 from runner.errors import BODY_KEEP_CHARS, DecodeError
+from runner.messages import (
+    DEFAULT_MAX_BODY_BYTES,
+    FORMATS,
+    XML_NAMESPACES,
+    DecodeOptions,
+    text_codec,
+)
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-FORMATS = ("auto", "json", "xml", "csv", "ndjson", "text")
-XML_NAMESPACES = ("strip", "keep")
+# The options live with the other plain settings (messages), so that loading a flow does not
+# import the decoders; they are named here too, beside what they configure.
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "FORMATS",
+    "XML_NAMESPACES",
+    "BodyLimit",
+    "DecodeOptions",
+    "body_excerpt",
+    "choose_format",
+    "decode_body",
+    "decode_lenient",
+]
 
 _FORMAT_NAMES = {"json": "JSON", "ndjson": "NDJSON", "csv": "CSV", "xml": "XML", "text": "text"}
 _NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -39,195 +51,8 @@ _UTF8 = "utf-8"
 _BOM = codecs.BOM_UTF8
 
 
-def _import_orjson() -> Any:
-    try:
-        return importlib.import_module("orjson")
-    except ImportError:  # pragma: no cover - orjson is an optional dependency
-        return None
-
-
-_ORJSON: Any = _import_orjson()
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON helpers
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _loads_stdlib(data: bytes | str) -> Any:
-    try:
-        return json.loads(data, parse_constant=_reject_constant)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
-
-
-# orjson silently turns an integer beyond 64 bits into a float; a run of 19 digits anywhere sends
-# the document to the stdlib parser, which keeps it exact. Translating is far cheaper than a regex.
-_DIGIT_MASK = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
-_LONG_DIGIT_RUN = b"0" * 19
-
-
-def _orjson_safe(buf: bytes) -> bool:
-    return _LONG_DIGIT_RUN not in buf.translate(_DIGIT_MASK)
-
-
-def _loads_fast(data: bytes | str) -> Any:
-    try:
-        buf = data.encode(_UTF8) if isinstance(data, str) else data
-    except UnicodeEncodeError:  # lone surrogates: only the stdlib accepts them
-        return _loads_stdlib(data)
-    if _orjson_safe(buf):
-        try:
-            return _ORJSON.loads(buf)
-        except ValueError:
-            pass  # the stdlib gives the familiar message, or accepts what orjson refuses
-    return _loads_stdlib(data)
-
-
-# Parse JSON (NaN and Infinity refused); every failure is a ValueError.
-json_loads: Callable[[bytes | str], Any] = _loads_fast if _ORJSON is not None else _loads_stdlib
-
-
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if obj - obj == 0.0 else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _dumps_stdlib(obj: Any) -> str:
-    try:
-        return _ENCODER.encode(obj)
-    except ValueError:
-        # NaN and infinities are not JSON: written as null, as orjson writes them.
-        return _ENCODER.encode(_finite(obj))
-
-
-# orjson and the stdlib differ only for floats below 1e-4: orjson writes `0.00001` and `1.5e-7`
-# where Python writes `1e-05` and `1.5e-07` (checked over every exponent). Such output, and
-# anything orjson refuses (big ints, non-str keys, surrogates), goes to the stdlib instead.
-_ORJSON_FLOAT_DIFFERS = re.compile(rb"\de-\d(?:[,\]}]|$)|(?:^|[:,\[])-?0\.0000")
-
-
-# Types the stdlib cannot write go to it too, so that both paths fail alike.
-_ORJSON_OPTIONS = (
-    _ORJSON.OPT_PASSTHROUGH_DATETIME | _ORJSON.OPT_PASSTHROUGH_DATACLASS
-    if _ORJSON is not None
-    else 0
-)
-
-
-def _dumps_fast(obj: Any) -> str:
-    try:
-        out: bytes = _ORJSON.dumps(obj, option=_ORJSON_OPTIONS)
-    except TypeError:
-        return _dumps_stdlib(obj)
-    if (b"e-" in out or b"0.0000" in out) and _ORJSON_FLOAT_DIFFERS.search(out):
-        return _dumps_stdlib(obj)
-    return out.decode(_UTF8)
-
-
-def json_dumps_line(obj: Any) -> str:
-    """Compact JSON for one JSONL line (no newline): key order kept, non-ASCII unescaped.
-
-    The output is the same byte for byte with or without orjson; NaN and infinities are null.
-    """
-    return _dumps_fast(obj) if _ORJSON is not None else _dumps_stdlib(obj)
-
-
-_LINE_OPTIONS = _ORJSON_OPTIONS | (_ORJSON.OPT_APPEND_NEWLINE if _ORJSON is not None else 0)
-
-
-def _dumps_line_bytes_fast(obj: Any) -> bytes:
-    try:
-        out: bytes = _ORJSON.dumps(obj, option=_LINE_OPTIONS)
-    except TypeError:
-        return _dumps_line_bytes_stdlib(obj)
-    if (b"e-" in out or b"0.0000" in out) and _ORJSON_FLOAT_DIFFERS.search(out[:-1]):
-        return _dumps_line_bytes_stdlib(obj)
-    return out
-
-
-def _dumps_line_bytes_stdlib(obj: Any) -> bytes:
-    return (_dumps_stdlib(obj) + "\n").encode(_UTF8)
-
-
-# `json_dumps_line(obj)` and a newline, as UTF-8: a JSONL line ready to write.
-# With orjson the bytes come straight from it (no str round trip). A lone surrogate, which
-# UTF-8 cannot hold, raises UnicodeEncodeError (orjson refuses it with TypeError first, and
-# the stdlib path then fails to encode), as encoding `json_dumps_line(obj)` would.
-json_dumps_line_bytes: Callable[[Any], bytes] = (
-    _dumps_line_bytes_fast if _ORJSON is not None else _dumps_line_bytes_stdlib
-)
-
-
 # ---------------------------------------------------------------------------------------------
 # Options and content types
-
-
-class _LocalNames:
-    """`key in names` by local name, for `namespaces: keep` where keys are `prefix:name`."""
-
-    __slots__ = ("_names",)
-
-    def __init__(self, names: frozenset[str]) -> None:
-        self._names = names
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.rpartition(":")[2] in self._names
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeOptions:
-    """How a step's response bodies are decoded: its `response` settings."""
-
-    format: str = "auto"  # auto | json | xml | csv | ndjson | text
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    xml_force_list: tuple[str, ...] = ()  # local element names that are always lists
-    xml_namespaces: str = "strip"  # strip | keep
-    xml_attr_prefix: str = "@"
-    xml_text_key: str = "#text"
-    csv_delimiter: str = ","
-    csv_encoding: str | None = None  # None: the charset of the Content-Type, else utf-8
-    _force_list: frozenset[str] | _LocalNames | None = field(
-        init=False, default=None, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
-        if isinstance(self.max_body_bytes, bool) or self.max_body_bytes <= 0:
-            raise ValueError(f"max_body_bytes must be a positive integer: {self.max_body_bytes}")
-        if self.xml_namespaces not in XML_NAMESPACES:
-            raise ValueError(f"xml namespaces must be strip or keep, not {self.xml_namespaces!r}")
-        if len(self.csv_delimiter) != 1:
-            raise ValueError(f"csv delimiter must be one character, not {self.csv_delimiter!r}")
-        if self.csv_encoding is not None and _codec(self.csv_encoding) is None:
-            raise ValueError(f"unknown csv encoding {self.csv_encoding!r}")
-        object.__setattr__(self, "xml_force_list", tuple(self.xml_force_list))
-        names = frozenset(name.rpartition(":")[2] for name in self.xml_force_list)
-        force_list: frozenset[str] | _LocalNames | None = None
-        if names:
-            force_list = names if self.xml_namespaces == "strip" else _LocalNames(names)
-        object.__setattr__(self, "_force_list", force_list)
-
-
-@lru_cache(maxsize=64)
-def _codec(name: str) -> str | None:
-    """The canonical codec name (`UTF8` -> `utf-8`), or None when Python does not know it."""
-    try:
-        return codecs.lookup(name).name
-    except LookupError:
-        return None
 
 
 @lru_cache(maxsize=256)
@@ -241,7 +66,7 @@ def _parse_content_type(content_type: str) -> tuple[str, str | None]:
     for param in params.split(";"):
         key, _, value = param.partition("=")
         if key.strip().lower() == "charset":
-            charset = _codec(value.strip().strip("\"'"))
+            charset = text_codec(value.strip().strip("\"'"))
     return media.strip().lower(), charset
 
 
@@ -332,9 +157,7 @@ def _decode_ndjson(
         lines = _split_lines(raw, charset)
     except ValueError as exc:
         raise _invalid("ndjson", content_type, raw, exc) from exc
-    loads: Callable[[bytes | str], Any] = json_loads
-    if _ORJSON is not None and _is_utf8(charset) and _orjson_safe(raw):
-        loads = _loads_line_fast  # one check for the whole body, not one per line
+    loads = json_lines_loader(raw, utf8=_is_utf8(charset))
     out = []
     for index in range(len(lines)):  # not enumerate: mypy joins bytes | str to Sequence[object]
         line = lines[index]
@@ -357,19 +180,12 @@ def _split_lines(raw: bytes, charset: str | None) -> list[bytes] | list[str]:
     return raw.decode(charset or _UTF8).split("\n")
 
 
-def _loads_line_fast(line: bytes | str) -> Any:
-    try:
-        return _ORJSON.loads(line)
-    except ValueError:
-        return _loads_stdlib(line)
-
-
 def _decode_csv(
     raw: bytes, content_type: str | None, charset: str | None, opts: DecodeOptions
 ) -> Any:
     import csv  # only CSV bodies need it: not imported at start-up
 
-    codec = _codec(opts.csv_encoding) if opts.csv_encoding is not None else charset
+    codec = text_codec(opts.csv_encoding) if opts.csv_encoding is not None else charset
     if _is_utf8(codec):
         codec = "utf-8-sig"  # tolerates a BOM, which spreadsheets like to write
     try:

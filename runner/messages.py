@@ -3,6 +3,7 @@ aiohttp here, so that loading and validating a flow stays fast."""
 
 from __future__ import annotations
 
+import codecs
 import functools
 import ipaddress
 from dataclasses import dataclass, field
@@ -97,3 +98,66 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# -- a step's `response` settings -------------------------------------------------------------
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+FORMATS = ("auto", "json", "xml", "csv", "ndjson", "text")
+XML_NAMESPACES = ("strip", "keep")
+
+
+class _LocalNames:
+    """`key in names` by local name, for `namespaces: keep` where keys are `prefix:name`."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = names
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.rpartition(":")[2] in self._names
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """How a step's response bodies are decoded: its `response` settings."""
+
+    format: str = "auto"  # auto | json | xml | csv | ndjson | text
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    xml_force_list: tuple[str, ...] = ()  # local element names that are always lists
+    xml_namespaces: str = "strip"  # strip | keep
+    xml_attr_prefix: str = "@"
+    xml_text_key: str = "#text"
+    csv_delimiter: str = ","
+    csv_encoding: str | None = None  # None: the charset of the Content-Type, else utf-8
+    _force_list: frozenset[str] | _LocalNames | None = field(
+        init=False, default=None, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if isinstance(self.max_body_bytes, bool) or self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be a positive integer: {self.max_body_bytes}")
+        if self.xml_namespaces not in XML_NAMESPACES:
+            raise ValueError(f"xml namespaces must be strip or keep, not {self.xml_namespaces!r}")
+        if len(self.csv_delimiter) != 1:
+            raise ValueError(f"csv delimiter must be one character, not {self.csv_delimiter!r}")
+        if self.csv_encoding is not None and text_codec(self.csv_encoding) is None:
+            raise ValueError(f"unknown csv encoding {self.csv_encoding!r}")
+        object.__setattr__(self, "xml_force_list", tuple(self.xml_force_list))
+        names = frozenset(name.rpartition(":")[2] for name in self.xml_force_list)
+        force_list: frozenset[str] | _LocalNames | None = None
+        if names:
+            force_list = names if self.xml_namespaces == "strip" else _LocalNames(names)
+        object.__setattr__(self, "_force_list", force_list)
+
+
+@functools.lru_cache(maxsize=64)
+def text_codec(name: str) -> str | None:
+    """The canonical codec name (`UTF8` -> `utf-8`), or None when Python does not know it."""
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return None

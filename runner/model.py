@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .decode import DEFAULT_MAX_BODY_BYTES, DecodeOptions
 from .errors import ExpressionError, FlowError, Problem
 from .expressions import Expression, compile_expression, compile_shape
 from .loader import Document
-from .messages import RetryPolicy, Timeouts, TlsOptions
+from .messages import DEFAULT_MAX_BODY_BYTES, DecodeOptions, RetryPolicy, Timeouts, TlsOptions
 from .outputs import StreamSpec
 from .templates import CompiledValue, Template, compile_template, compile_value, is_template
 

@@ -15,20 +15,22 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.decode import (
-    DEFAULT_MAX_BODY_BYTES,
-    BodyLimit,
-    DecodeOptions,
+from runner.codec import (
     _dumps_fast,
     _dumps_stdlib,
     _loads_fast,
     _loads_stdlib,
+    json_dumps_line,
+    json_loads,
+)
+from runner.decode import (
+    DEFAULT_MAX_BODY_BYTES,
+    BodyLimit,
+    DecodeOptions,
     body_excerpt,
     choose_format,
     decode_body,
     decode_lenient,
-    json_dumps_line,
-    json_loads,
 )
 from runner.errors import DecodeError
 

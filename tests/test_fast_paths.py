@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from jinja2 import meta
 
 from runner import sandbox
-from runner.decode import json_dumps_line, json_dumps_line_bytes
+from runner.codec import json_dumps_line, json_dumps_line_bytes
 from runner.errors import RenderError, RunError
 from runner.expressions import compile_expression, compile_shape
 from runner.outputs import FileOutputs, StreamSpec

@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from runner.decode import json_dumps_line, json_dumps_line_bytes
+from runner.codec import json_dumps_line, json_dumps_line_bytes
 from runner.errors import LockedError, RunError, UsageError
 
 from .base import Outputs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
-from runner.decode import json_dumps_line
+from runner.codec import json_dumps_line
 from runner.errors import InvalidRecordError, RunError
 from runner.expressions import parse_datetime
 
