@@ -20,7 +20,7 @@ from jinja2.utils import generate_lorem_ipsum
 
 from runner.errors import ExpressionError
 from runner.expressions import MAX_NESTING
-from runner.templates import (
+from runner.rendering import (
     FILTERS,
     GLOBALS,
     PLAIN_TYPES,
