@@ -252,7 +252,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .validate import flow_schema
+    from .schema import flow_schema
 
     sys.stdout.write(json.dumps(flow_schema(), indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK

@@ -20,7 +20,7 @@ step and item with `RunError.in_context`, so that every failure names its place.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,6 +49,19 @@ def format_path(path: tuple[str | int, ...] | list[str | int]) -> str:
         else:
             out = str(part)
     return out
+
+
+def closest(word: str, choices: Sequence[str]) -> list[str]:
+    """The one closest choice, if any is close enough: for "did you mean"."""
+    import difflib  # only a flow with a mistake needs it
+
+    return difflib.get_close_matches(word, list(choices), n=1)
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """` (did you mean 'x'?)`, or nothing when no choice is close."""
+    close = closest(word, choices)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from .compiler import compile_document
 from .dryrun import STATIC_NAMES, show_dry_run
 from .engine import FlowRun, RunInfo
 from .errors import (
@@ -31,11 +32,12 @@ from .errors import (
 )
 from .http import is_loopback
 from .loader import load_document
-from .model import NO_INPUTS, Flow, build_flow
+from .model import NO_INPUTS, Flow
 from .outputs import atomic_write
 from .outputs.sinks import make_outputs
 from .redact import Redactor
 from .secrets import Secrets
+from .validate import load_services_override
 
 log = logging.getLogger("runner")
 
@@ -50,17 +52,13 @@ class RunResult:
 
 
 def load_flow(path: str | os.PathLike[str], services: str | os.PathLike[str] | None = None) -> Flow:
-    """Load, validate and compile a flow file; FlowError (exit 2) with every problem."""
-    from . import validate
-
+    """Load and compile a flow file (the compile pass); FlowError (exit 2) with every error."""
     doc = load_document(path)
-    if services is not None:
-        doc = validate.apply_services_override(doc, str(services))
-    validate_document = validate.validate_document
-    problems = [p for p in validate_document(doc) if p.severity == "error"]
-    if problems:
-        raise FlowError(problems)
-    return build_flow(doc)
+    overrides = load_services_override(str(services)).data if services is not None else None
+    compiled = compile_document(doc, overrides)
+    if compiled.flow is None:
+        raise FlowError(compiled.errors)
+    return compiled.flow
 
 
 def new_run_id(started_at: datetime) -> str:

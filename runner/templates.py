@@ -224,25 +224,34 @@ class CompiledValue:
         return f"CompiledValue({self.source!r})"
 
 
-def compile_value(value: Any, mode: Mode = "value") -> CompiledValue:
-    """Compile every string leaf of `value` as a template (ExpressionError on bad syntax)."""
+def compile_value(
+    value: Any,
+    mode: Mode = "value",
+    compile_leaf: Callable[[str, Mode], Template] | None = None,
+) -> CompiledValue:
+    """Compile every string leaf of `value` as a template (ExpressionError on bad syntax).
+    `compile_leaf` gives a leaf's template (the compile pass passes the ones it compiled)."""
     templates: list[Template] = []
-    fn = _compile_node(value, mode, templates)
+    fn = _compile_node(value, mode, templates, compile_leaf or compile_template)
     names: frozenset[str] = frozenset().union(*(t.names for t in templates))
     step_refs: frozenset[str] = frozenset().union(*(t.step_refs for t in templates))
     return CompiledValue(value, fn, names, step_refs)
 
 
-def _compile_node(value: Any, mode: Mode, templates: list[Template]) -> _Renderer | None:
+def _compile_node(
+    value: Any, mode: Mode, templates: list[Template], compile_leaf: Callable[[str, Mode], Template]
+) -> _Renderer | None:
     """A renderer for `value`, or None when it is constant."""
     if isinstance(value, str):
-        template = compile_template(value, mode)
+        template = compile_leaf(value, mode)
         if template.is_constant:
             return None
         templates.append(template)
         return template.render
     if isinstance(value, dict):
-        entries = [(k, v, _compile_node(v, mode, templates)) for k, v in value.items()]
+        entries = [
+            (k, v, _compile_node(v, mode, templates, compile_leaf)) for k, v in value.items()
+        ]
         if all(f is None for _, _, f in entries):
             return None
 
@@ -251,7 +260,7 @@ def _compile_node(value: Any, mode: Mode, templates: list[Template]) -> _Rendere
 
         return render_dict
     if isinstance(value, list | tuple):
-        items = [(v, _compile_node(v, mode, templates)) for v in value]
+        items = [(v, _compile_node(v, mode, templates, compile_leaf)) for v in value]
         if all(f is None for _, f in items):
             return None
 

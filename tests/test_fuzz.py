@@ -13,11 +13,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner.compiler import build_flow
 from runner.decode import FORMATS, DecodeOptions, decode_body, decode_lenient
 from runner.errors import RunnerError
 from runner.loader import load_text
-from runner.model import build_flow
-from runner.validate import _fast_check, _flow_validator, validate_document
+from runner.schema import _fast_check, _flow_validator
+from runner.validate import validate_document
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOW_TEXTS = sorted((ROOT / "flows").glob("*.yaml"))

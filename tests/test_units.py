@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 import runner
+from runner.compiler import build_flow
 from runner.errors import FlowError, Problem, RunError, UnavailableError, format_path
 from runner.loader import load_text
-from runner.model import build_flow, merge_retry, parse_statuses
+from runner.model import merge_retry, parse_statuses
 from runner.redact import Redactor
 from runner.secrets import Secrets, read_secret
 

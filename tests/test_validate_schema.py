@@ -12,9 +12,8 @@ import pytest
 
 from runner.errors import FlowError, Problem, UsageError
 from runner.loader import load_document, load_text
+from runner.schema import _fast_check, _flow_validator
 from runner.validate import (
-    _fast_check,
-    _flow_validator,
     apply_services_override,
     find_flow_files,
     format_problems,
@@ -69,12 +68,12 @@ def test_fast_check_and_jsonschema_agree_on_every_case(name: str) -> None:
 def test_a_fast_check_that_fails_leaves_the_verdict_to_jsonschema(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import runner.validate
+    import runner.schema
 
     def broken(data: object) -> bool:
         raise OverflowError("cannot convert")
 
-    monkeypatch.setattr(runner.validate, "_fast_check", lambda which: broken)
+    monkeypatch.setattr(runner.schema, "_fast_check", lambda which: broken)
     assert schema_problems(load_text(GOOD_FLOW, "good.yaml")) == []
     bad = GOOD_FLOW.replace("records: body", "recrods: body")
     assert [p.message for p in schema_problems(load_text(bad, "bad.yaml"))] == [
@@ -138,7 +137,7 @@ def test_misspelt_required_key_is_reported_once() -> None:
     ]
 
 
-def test_semantic_checks_run_only_on_schema_clean_documents() -> None:
+def test_a_flow_without_steps_has_that_one_problem() -> None:
     doc = load_text(GOOD_FLOW, "f.yaml")
     assert validate_document(doc) == []
     broken = load_text("version: 1\n", "f.yaml")

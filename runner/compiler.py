@@ -1,0 +1,809 @@
+"""The one compile pass of a flow: from a loaded document to the compiled Flow, or to every
+located problem, schema and semantic together, sorted by position, each once.
+
+The pass checks the document against the JSON Schema (schema.py), then walks it once: each
+template and JMESPath expression is compiled once, the names it reads are checked against
+the scope, the references across the flow (services, goto targets, `steps.<id>`, step ids,
+streams) are resolved, and the model (model.py) is built from the same compiled objects.
+Warnings come from the same walk. `runner validate` is this pass without running;
+`load_flow` is this pass, then the run.
+
+A document the schema found errors in is walked too, for its semantic problems: the walk
+reads only the shapes it expects (a mapping where a mapping belongs, a string where an
+expression belongs) and leaves the rest to the schema's problems. Plain settings (numbers,
+durations, enums) are read in `_settle`, which on such a document skips a piece it cannot
+read instead of failing.
+
+Where a new flow key goes: its JSON Schema in schemas/flow.schema.json; its field in the
+spec of model.py; its compiling, checks and reading in the method of its section here
+(`_service`, `_step`, `_request`, `_paginate`, `_poll`, `_rule`, `_expect`, `_outputs`),
+templates through `template`/`value`, expressions through `expression`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path as FilePath
+from typing import Any, Final, TypeVar
+
+from runner.errors import (
+    ExpressionError,
+    FlowError,
+    Problem,
+    UsageError,
+    did_you_mean,
+    format_path,
+)
+from runner.expressions import Expression, compile_expression, compile_shape
+from runner.loader import Document, Path
+from runner.messages import DecodeOptions, RetryPolicy, Timeouts, TlsOptions, is_loopback
+from runner.model import (
+    BODY_KEYS,
+    DEFAULT_MAX_VISITS,
+    NO_INPUTS,
+    AuthOverride,
+    ExpectSpec,
+    FieldSpec,
+    Flow,
+    PaginateSpec,
+    PollSpec,
+    RequestSpec,
+    RuleSpec,
+    ServiceSpec,
+    SetSpec,
+    StepSpec,
+    decode_options,
+    merge_retry,
+    merge_timeouts,
+    parse_statuses,
+)
+from runner.outputs import StreamSpec
+from runner.rendering import Mode
+from runner.schema import schema_problems
+from runner.templates import CompiledValue, Template, compile_template, compile_value, is_template
+
+__all__ = ["SCOPE_NAMES", "Compiled", "build_flow", "compile_document", "merge_services"]
+
+_T = TypeVar("_T")
+
+# Names a template or a root-level JMESPath expression may read (DESIGN, "The scope").
+SCOPE_NAMES: Final = frozenset(
+    {"inputs", "env", "secrets", "state", "steps", "auth", "run", "item", "item_index", "page",
+     "status", "reason", "headers", "body", "url"}
+)  # fmt: skip
+_ITEM_NAMES: Final = frozenset({"item", "item_index"})
+# A setting of the wrong shape, in a document the schema already found errors in.
+_SHAPE_ERRORS: Final = (TypeError, ValueError, KeyError, AttributeError, IndexError, UsageError)
+
+_SECRET_REF: Final = re.compile(
+    r"""secrets\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*(?:'([^']*)'|"([^"]*)")\s*\])"""
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Compiled:
+    """What the pass gives: the Flow when there is no error, and every problem, sorted."""
+
+    flow: Flow | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity != "error"]
+
+
+def compile_document(doc: Document, services: Mapping[str, Any] | None = None) -> Compiled:
+    """The one pass over `doc`. `services` (a checked `--services` file) replaces keys of the
+    flow's services before they are compiled; the schema is checked on the file as written."""
+    found = schema_problems(doc)
+    data = doc.data
+    if not isinstance(data, dict):
+        return Compiled(None, tuple(found))
+    trusted = not any(p.severity == "error" for p in found)
+    if services is not None:
+        data = _merged(data, services)
+    compiler = _Compiler(doc, data, trusted, found)
+    flow = compiler.flow()
+    problems = tuple(sorted(dict.fromkeys([*found, *compiler.problems])))
+    if any(p.severity == "error" for p in problems):
+        flow = None
+    return Compiled(flow, problems)
+
+
+def build_flow(doc: Document, services: Mapping[str, Any] | None = None) -> Flow:
+    """The compiled Flow of `doc`; FlowError with every error otherwise."""
+    compiled = compile_document(doc, services)
+    if compiled.flow is None:
+        raise FlowError(compiled.errors)
+    return compiled.flow
+
+
+def merge_services(doc: Document, overrides: Any) -> Document:
+    """The flow with each key given for one of its services replacing that whole key.
+
+    Services that the flow does not declare are ignored (one file serves many flows). Merged
+    keys keep the location of their service in the flow file.
+    """
+    if not isinstance(doc.data, dict):
+        return doc
+    return dataclasses.replace(doc, data=_merged(doc.data, overrides))
+
+
+def _merged(data: dict[str, Any], overrides: Any) -> dict[str, Any]:
+    declared = data.get("services")
+    if not isinstance(declared, dict) or not isinstance(overrides, Mapping):
+        return data
+    services = {
+        name: {**service, **overrides[name]}
+        if isinstance(service, dict) and isinstance(overrides.get(name), dict)
+        else service
+        for name, service in declared.items()
+    }
+    return {**data, "services": services}
+
+
+# -- the steps' places, before anything is compiled ------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _StepInfo:
+    """Where a step sits in the flow, for the checks across steps."""
+
+    id: str
+    path: Path
+    order: int  # position in the flattened order of the flow
+    siblings: tuple[str, ...]  # ids of the sequence it is in (goto targets)
+    in_item: bool  # inside a for_each (the step itself or an enclosing block)
+    plain_for_each: bool  # a for_each step without a block
+
+
+def _walk_steps(steps: Any, path: Path, in_item: bool, out: dict[Path, _StepInfo]) -> None:
+    if not isinstance(steps, list):
+        return
+    siblings = tuple(_id(s) for s in steps if isinstance(s, dict))
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            continue
+        spath = (*path, i)
+        is_for_each = "for_each" in step
+        out[spath] = _StepInfo(
+            id=_id(step),
+            path=spath,
+            order=len(out),
+            siblings=siblings,
+            in_item=in_item or is_for_each,
+            plain_for_each=is_for_each and "steps" not in step,
+        )
+        _walk_steps(step.get("steps"), (*spath, "steps"), True, out)
+
+
+def _id(step: dict[str, Any]) -> str:
+    value = step.get("id", "")
+    return value if isinstance(value, str) else ""
+
+
+def _leaves(path: Path, data: Any) -> Iterator[tuple[Path, Any]]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves((*path, key), value)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _leaves((*path, i), value)
+    else:
+        yield path, data
+
+
+def _literal_insecure(url: Any) -> str | None:
+    """The host of a literal http:// URL to a host that is not loopback, else None."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or "{{" in url or "{%" in url:
+        return None
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        return None
+    return None if is_loopback(parts.hostname) else parts.hostname
+
+
+def _insecure_message(host: str) -> str:
+    return (
+        f"plain http:// to {host} is refused: use https, or set allow_insecure_http: true "
+        "on the service"
+    )
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+# -- the walk ---------------------------------------------------------------------------------
+
+
+class _Compiler:
+    """Compiles, checks and builds in one walk, collecting every problem with its place."""
+
+    def __init__(
+        self, doc: Document, data: dict[str, Any], trusted: bool, schema: list[Problem]
+    ) -> None:
+        self.doc = doc
+        self.data = data
+        # The schema found no error: every value has the shape it describes.
+        self.trusted = trusted
+        self.schema_paths = [p.path for p in schema if p.severity == "error"]
+        self.problems: list[Problem] = []
+        self.step_refs: set[str] = set()
+        self.secrets: set[str] = set()
+        self.emitted: set[str] = set()
+        self.infos: dict[Path, _StepInfo] = {}
+        self.order: dict[str, int] = {}
+        self.step: _StepInfo | None = None  # the step being compiled, for the scope checks
+
+    # -- problems -----------------------------------------------------------------------
+
+    def at_key(self, path: Path, message: str, severity: str = "error") -> None:
+        self.problems.append(self.doc.problem(path, message, severity))
+
+    def at_value(self, path: Path, message: str, severity: str = "error") -> None:
+        """A problem inside a template or expression, located at its text."""
+        line, column = self.doc.value_mark(path)
+        self.problems.append(
+            Problem(self.doc.file, line, column, format_path(path), message, severity)
+        )
+
+    def _settle(self, read: Callable[[], _T]) -> _T | None:
+        """Plain settings, which the schema has checked. In a document it found errors in, a
+        piece of the wrong shape is left out: its problem is already among the schema's."""
+        if self.trusted:
+            return read()
+        try:
+            return read()
+        except _SHAPE_ERRORS:
+            return None
+
+    def _schema_found(self, path: Path) -> bool:
+        """Whether the schema reported an error at `path` or inside it."""
+        where = format_path(path)
+        return any(
+            p == where or p.startswith((where + ".", where + "[")) for p in self.schema_paths
+        )
+
+    # -- the languages --------------------------------------------------------------------
+
+    def _source(self, source: Any) -> str | None:
+        if source is None or isinstance(source, str):
+            return source
+        # A number where the schema wants a string is its problem; a valid one is text.
+        return str(source) if self.trusted else None
+
+    def _compile(self, path: Path, build: Callable[[], _T]) -> _T | None:
+        try:
+            return build()
+        except ExpressionError as exc:
+            self.at_value(path, exc.message)
+            return None
+
+    def _check_names(
+        self,
+        path: Path,
+        names: frozenset[str],
+        step_refs: frozenset[str],
+        kind: str,
+        *,
+        record: bool = False,
+    ) -> None:
+        allowed = SCOPE_NAMES | {"record"} if record else SCOPE_NAMES
+        for name in sorted(names - allowed):
+            choices = sorted(allowed)
+            hint = did_you_mean(name, choices) or f"; the scope has {', '.join(choices)}"
+            self.at_value(path, f"unknown name '{name}' in {kind}{hint}")
+        step = self.step
+        if names & _ITEM_NAMES and not (step is not None and step.in_item):
+            self.at_value(
+                path, "'item' is used outside a for_each: it is undefined here", "warning"
+            )
+        for ref in sorted(step_refs):
+            if ref not in self.order:
+                self.at_value(
+                    path,
+                    f"steps.{ref}: no step has the id '{ref}'"
+                    + did_you_mean(ref, list(self.order)),
+                )
+            elif step is not None and self.order[ref] >= step.order:
+                which = "itself" if ref == step.id else "a later step"
+                self.at_value(
+                    path,
+                    f"steps.{ref} refers to {which}: it has no value when step '{step.id}' runs",
+                )
+
+    def template(
+        self, path: Path, source: Any, mode: Mode = "value", *, record: bool = False
+    ) -> Template | None:
+        text = self._source(source)
+        if text is None:
+            return None
+        compiled: Template | None = self._compile(path, lambda: compile_template(text, mode))
+        if compiled is not None:
+            self._note_template(text, compiled.step_refs)
+            self._check_names(path, compiled.names, compiled.step_refs, "template", record=record)
+        return compiled
+
+    def value(self, path: Path, data: Any, mode: Mode = "value") -> CompiledValue | None:
+        """A structure whose string leaves are templates, each checked at its own key."""
+        if data is None:
+            return None
+        leaves: dict[str, Template] = {}
+        ok = True
+        for leaf_path, leaf in _leaves(path, data):
+            if isinstance(leaf, str) and is_template(leaf):
+                template = self.template(leaf_path, leaf, mode)
+                if template is None:
+                    ok = False
+                else:
+                    leaves[leaf] = template
+        if not ok:
+            return None
+
+        def compile_leaf(source: str, leaf_mode: Mode) -> Template:
+            known = leaves.get(source)
+            return known if known is not None else compile_template(source, leaf_mode)
+
+        compiled: CompiledValue = compile_value(data, mode, compile_leaf)
+        return compiled
+
+    def check_leaves(self, path: Path, data: Any) -> None:
+        """Templates in keys the run reads as they are: compiled and checked, not kept."""
+        for leaf_path, leaf in _leaves(path, data):
+            if isinstance(leaf, str) and is_template(leaf):
+                compiled = self._compile(leaf_path, functools.partial(compile_template, leaf))
+                if compiled is not None:
+                    self._check_names(leaf_path, compiled.names, compiled.step_refs, "template")
+
+    def expression(self, path: Path, source: Any, *, on_record: bool = False) -> Expression | None:
+        text = self._source(source)
+        if text is None:
+            return None
+        compiled: Expression | None = self._compile(path, lambda: compile_expression(text))
+        if compiled is not None:
+            self.step_refs.update(compiled.step_refs)
+            # On a record (filter, fields), a root name is a key of the record.
+            names = frozenset() if on_record else compiled.root_names
+            self._check_names(path, names, compiled.step_refs, "expression")
+        return compiled
+
+    def _note_template(self, text: str, step_refs: frozenset[str]) -> None:
+        self.step_refs.update(step_refs)
+        for match in _SECRET_REF.finditer(text):
+            self.secrets.add(next(g for g in match.groups() if g is not None))
+
+    # -- the flow ---------------------------------------------------------------------------
+
+    def flow(self) -> Flow | None:
+        data = self.data
+        _walk_steps(data.get("steps"), ("steps",), False, self.infos)
+        for info in self.infos.values():
+            if not info.id:
+                continue
+            if info.id in self.order:
+                first = next(i for i in self.infos.values() if i.id == info.id)
+                line = self.doc.locate((*first.path, "id"))[0]
+                self.at_key(
+                    (*info.path, "id"), f"duplicate step id '{info.id}' (first at line {line})"
+                )
+            else:
+                self.order[info.id] = info.order
+        services = {
+            name: spec
+            for name, raw in _mapping(data.get("services")).items()
+            if (spec := self._service(str(name), raw)) is not None
+        }
+        steps = self._steps(("steps",), data.get("steps"), services)
+        outputs = self._outputs(data.get("outputs"))
+        for name in _mapping(data.get("outputs")):
+            if name not in self.emitted:
+                self.at_key(
+                    ("outputs", name),
+                    f"no step emits the stream '{name}'"
+                    + did_you_mean(str(name), sorted(self.emitted)),
+                    "warning",
+                )
+        if any(p.severity == "error" for p in self.problems) or not self.trusted:
+            return None
+        assert outputs is not None
+        referenced = self.step_refs
+        doc = self.doc
+        return Flow(
+            file=doc.file,
+            name=str(data.get("name") or FilePath(doc.file).stem),
+            description=str(data.get("description") or ""),
+            inputs_schema=data.get("inputs") or NO_INPUTS,
+            services=services,
+            steps=tuple(_finished(s, referenced) for s in steps),
+            outputs=outputs,
+            emitted=frozenset(self.emitted),
+            secrets=frozenset(self.secrets),
+            document=doc,
+        )
+
+    # -- services -----------------------------------------------------------------------
+
+    def _service(self, name: str, raw: Any) -> ServiceSpec | None:
+        path: Path = ("services", name)
+        data = _mapping(raw)
+        host = _literal_insecure(data.get("base_url"))
+        if host and not data.get("allow_insecure_http"):
+            self.at_key((*path, "base_url"), _insecure_message(host))
+        base_url = self.template((*path, "base_url"), data.get("base_url"))
+        auth = self.value((*path, "auth"), data.get("auth"))
+        headers = self.value((*path, "headers"), data.get("headers"))
+        for key, value in data.items():
+            if key not in ("base_url", "auth", "headers"):
+                self.check_leaves((*path, key), value)
+
+        def read() -> ServiceSpec:
+            rate = data.get("rate_limit")
+            tls = data.get("tls") or {}
+            return ServiceSpec(
+                name=name,
+                base_url=base_url,
+                auth=auth,
+                headers=headers,
+                timeout=merge_timeouts(Timeouts(), data.get("timeout")),
+                retry=merge_retry(RetryPolicy(), data.get("retry")),
+                rate_limit=(int(rate["requests"]), float(rate["per_seconds"])) if rate else None,
+                max_concurrency=data.get("max_concurrency"),
+                tls=TlsOptions(
+                    verify=bool(tls.get("verify", True)),
+                    ca_file=tls.get("ca_file"),
+                    client_cert=tls.get("client_cert"),
+                    client_key=tls.get("client_key"),
+                ),
+                cookies=bool(data.get("cookies", False)),
+                allow_insecure_http=bool(data.get("allow_insecure_http", False)),
+                allow_cross_host=bool(data.get("allow_cross_host", False)),
+            )
+
+        return self._settle(read)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _steps(
+        self, path: Path, raw: Any, services: Mapping[str, ServiceSpec]
+    ) -> tuple[StepSpec, ...]:
+        out = []
+        for i, data in enumerate(_list(raw)):
+            info = self.infos.get((*path, i))
+            if info is None:
+                continue  # not a mapping: the schema says so
+            step = self._step(info, data, services)
+            if step is not None:
+                out.append(step)
+        return tuple(out)
+
+    def _step(
+        self, info: _StepInfo, data: dict[str, Any], services: Mapping[str, ServiceSpec]
+    ) -> StepSpec | None:
+        outer, self.step = self.step, info
+        try:
+            return self._step_in_context(info, data, services)
+        finally:
+            self.step = outer
+
+    def _step_in_context(
+        self, info: _StepInfo, data: dict[str, Any], services: Mapping[str, ServiceSpec]
+    ) -> StepSpec | None:
+        path = info.path
+        raw_request = data.get("request")
+        request = self._request((*path, "request"), raw_request) if raw_request else None
+        auth: AuthOverride = "inherit"
+        raw_auth = data.get("auth")
+        if raw_auth == "none":
+            auth = "none"
+        elif isinstance(raw_auth, dict):
+            compiled_auth = self.value((*path, "auth"), raw_auth)
+            if compiled_auth is not None:
+                auth = compiled_auth
+        emit = data.get("emit")
+        if isinstance(emit, str) and emit:
+            self.emitted.add(emit)
+        inner = self._steps((*path, "steps"), data.get("steps"), services)
+        when = self.expression((*path, "when"), data.get("when"))
+        for_each = self.expression((*path, "for_each"), data.get("for_each"))
+        paginate = self._paginate((*path, "paginate"), data.get("paginate"))
+        poll = self._poll((*path, "poll"), data.get("poll"))
+        rules = tuple(
+            rule
+            for i, raw in enumerate(_list(data.get("on_status")))
+            if (rule := self._rule(info, (*path, "on_status", i), raw)) is not None
+        )
+        expect = tuple(
+            spec
+            for i, raw in enumerate(_list(data.get("expect")))
+            if (spec := self._expect((*path, "expect", i), raw)) is not None
+        )
+        records = self.expression((*path, "records"), data.get("records"))
+        filter_ = self.expression((*path, "filter"), data.get("filter"), on_record=True)
+        fields = self._fields((*path, "fields"), data.get("fields"), on_record=True)
+        sets = self._sets((*path, "set"), data.get("set"))
+        response = self._response((*path, "response"), data.get("response"))
+
+        def read() -> StepSpec:
+            service = services.get(request.service) if request and request.service else None
+            base_retry = service.retry if service is not None else RetryPolicy()
+            base_timeout = service.timeout if service is not None else Timeouts()
+            return StepSpec(
+                id=data["id"],
+                path=path,
+                request=request,
+                when=when,
+                for_each=for_each,
+                concurrency=int(data.get("concurrency", 1)),
+                max_items=data.get("max_items"),
+                max_visits=int(data.get("max_visits", DEFAULT_MAX_VISITS)),
+                steps=inner,
+                auth=auth,
+                retry=merge_retry(base_retry, data.get("retry")),
+                timeout=merge_timeouts(base_timeout, data.get("timeout")),
+                retry_unsafe=bool(data.get("retry_unsafe", False)),
+                paginate=paginate,
+                poll=poll,
+                response=response,
+                on_status=rules,
+                expect=expect,
+                records=records,
+                filter=filter_,
+                fields=fields,
+                emit=emit,
+                set=sets,
+            )
+
+        return self._settle(read)
+
+    def _request(self, path: Path, raw: Any) -> RequestSpec | None:
+        data = _mapping(raw)
+        services = _mapping(self.data.get("services"))
+        service_name = data.get("service")
+        if isinstance(service_name, str) and service_name not in services:
+            self.at_key(
+                (*path, "service"),
+                f"unknown service '{service_name}'" + did_you_mean(service_name, list(services)),
+            )
+        service = _mapping(services.get(service_name)) if isinstance(service_name, str) else {}
+        host = _literal_insecure(data.get("url"))
+        if host and not service.get("allow_insecure_http"):
+            self.at_key((*path, "url"), _insecure_message(host))
+        body_kind = next((k for k in BODY_KEYS if k in data), None)
+        body: CompiledValue | None = None
+        body_file: str | None = None
+        body_template: Template | None = None
+        if body_kind == "body_file":
+            self.check_leaves((*path, "body_file"), data["body_file"])
+            if isinstance(data["body_file"], str) or self.trusted:
+                body_file = str(data["body_file"])
+                body_template = self._body_file((*path, "body_file"), body_file)
+        elif body_kind == "body":
+            body = self.value((*path, "body"), data["body"], "text")
+        elif body_kind is not None:
+            body = self.value((*path, body_kind), data[body_kind])
+        for key in ("method", "service"):
+            self.check_leaves((*path, key), data.get(key))
+        url_path = self.template((*path, "path"), data.get("path"), "path")
+        url = self.template((*path, "url"), data.get("url"))
+        query = self.value((*path, "query"), data.get("query"))
+        headers = self.value((*path, "headers"), data.get("headers"))
+        content_type = self.template((*path, "content_type"), data.get("content_type"), "text")
+        return self._settle(
+            lambda: RequestSpec(
+                method=str(data.get("method", "GET")).upper(),
+                service=data.get("service"),
+                path=url_path,
+                url=url,
+                query=query,
+                headers=headers,
+                body_kind=body_kind,
+                body=body,
+                content_type=content_type,
+                body_file=body_file,
+                body_template=body_template,
+            )
+        )
+
+    def _body_file(self, path: Path, name: str) -> Template | None:
+        file = FilePath(self.doc.file).parent / name
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.at_key(path, f"cannot read body_file {name!r}: {exc}")
+            return None
+        autoescape = file.suffix.lower() in (".xml", ".html", ".htm")
+        try:
+            template = compile_template(text, "text", autoescape)
+        except ExpressionError as exc:
+            self.at_key(path, f"in {name}: {exc.message}")
+            return None
+        self._note_template(text, template.step_refs)
+        return template
+
+    def _paginate(self, path: Path, raw: Any) -> PaginateSpec | None:
+        if not isinstance(raw, dict):
+            return None
+        data = raw
+        found = {
+            key: self.expression((*path, key), data.get(key))
+            for key in ("total_pages", "total", "cursor", "next_url", "stop_when")
+        }
+
+        def read() -> PaginateSpec:
+            kind = data["type"]
+            default_param = {"page_number": "page", "offset": "offset", "cursor": "cursor"}
+            return PaginateSpec(
+                type=kind,
+                param=str(data.get("param", default_param.get(kind, ""))),
+                location=data.get("in", "query"),
+                start=int(data.get("start", 1)),
+                size_param=data.get("size_param"),
+                size=data.get("size"),
+                limit_param=data.get("limit_param", "limit" if kind == "offset" else None),
+                limit=data.get("limit"),
+                max_pages=data.get("max_pages"),
+                **found,
+            )
+
+        return self._settle(read)
+
+    def _poll(self, path: Path, raw: Any) -> PollSpec | None:
+        if not isinstance(raw, dict):
+            return None
+        data = raw
+        until = self.expression((*path, "until"), data.get("until"))
+        fail_when = self.expression((*path, "fail_when"), data.get("fail_when"))
+        message = self.template((*path, "message"), data.get("message"), "text")
+        if until is None:
+            return None
+        return self._settle(
+            lambda: PollSpec(
+                until=until,
+                fail_when=fail_when,
+                interval=float(data.get("interval", 5)),
+                timeout=float(data.get("timeout", 600)),
+                message=message,
+            )
+        )
+
+    def _rule(self, step: _StepInfo, path: Path, raw: Any) -> RuleSpec | None:
+        if not isinstance(raw, dict):
+            return None
+        data = raw
+        target = data.get("goto")
+        if data.get("action") == "goto" and target is not None:
+            if step.plain_for_each:
+                self.at_key(
+                    (*path, "goto"),
+                    "goto is not allowed in a for_each step; use a block (for_each + steps)",
+                )
+            elif target not in step.siblings:
+                known = [s for s in step.siblings if s]
+                scope = "this block" if len(step.path) > 2 else "the flow's steps"
+                self.at_key(
+                    (*path, "goto"),
+                    f"goto target '{target}' is not a step of {scope}"
+                    + did_you_mean(str(target), known),
+                )
+        emit = data.get("emit")
+        if isinstance(emit, str) and emit:
+            self.emitted.add(emit)
+        raw_delay = data.get("delay")
+        delay: Expression | float | None = None
+        if isinstance(raw_delay, int | float) and not isinstance(raw_delay, bool):
+            delay = float(raw_delay)
+        elif raw_delay is not None:
+            delay = self.expression((*path, "delay"), raw_delay)
+        when = self.expression((*path, "when"), data.get("when"))
+        message = self.template((*path, "message"), data.get("message"), "text")
+        sets = self._sets((*path, "set"), data.get("set"))
+        fields = self._fields((*path, "fields"), data.get("fields"), on_record=False)
+        return self._settle(
+            lambda: RuleSpec(
+                statuses=parse_statuses(data.get("status")),
+                action=data.get("action", "ok"),
+                when=when,
+                goto=target,
+                message=message,
+                kind=data.get("kind"),
+                delay=delay,
+                set=sets,
+                emit=emit,
+                fields=fields,
+                path=path,
+            )
+        )
+
+    def _expect(self, path: Path, raw: Any) -> ExpectSpec | None:
+        if not isinstance(raw, dict):
+            return None
+        that = self.expression((*path, "that"), raw.get("that"))
+        message = self.template((*path, "message"), raw.get("message"), "text")
+        return ExpectSpec(that=that, message=message) if that is not None else None
+
+    def _fields(self, path: Path, raw: Any, *, on_record: bool) -> tuple[FieldSpec, ...] | None:
+        """`fields`: JMESPath, or a template (which reads `record` on a step's records)."""
+        if raw is None:
+            return None
+        out = []
+        for name, source in _mapping(raw).items():
+            fpath = (*path, name)
+            text = self._source(source)
+            if text is None:
+                continue
+            if is_template(text):
+                out.append(FieldSpec(name, template=self.template(fpath, text, record=on_record)))
+            else:
+                expression = self.expression(fpath, text, on_record=on_record)
+                out.append(FieldSpec(name, expression=expression))
+        return tuple(out)
+
+    def _sets(self, path: Path, raw: Any) -> tuple[SetSpec, ...]:
+        out = []
+        for name, spec in _mapping(raw).items():
+            if isinstance(spec, dict):
+                expression = self.expression((*path, name, "value"), spec.get("value"))
+                secret = bool(spec.get("secret", False))
+            else:
+                expression = self.expression((*path, name), spec)
+                secret = False
+            if expression is not None:
+                out.append(SetSpec(name, expression, secret))
+        return tuple(out)
+
+    def _response(self, path: Path, raw: Any) -> DecodeOptions:
+        try:
+            return decode_options(raw)
+        except ValueError as exc:
+            # What the schema cannot say (an encoding Python does not know), said here once.
+            if not self._schema_found(path):
+                self.at_key(path, str(exc))
+        except _SHAPE_ERRORS:
+            if self.trusted:
+                raise
+        return DecodeOptions()
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def _outputs(self, raw: Any) -> dict[str, StreamSpec] | None:
+        def read() -> dict[str, StreamSpec]:
+            out = {}
+            for name, spec in (raw or {}).items():
+                spec = spec or {}
+                cursor = spec.get("cursor")
+                out[name] = StreamSpec(
+                    name=name,
+                    primary_key=tuple(spec.get("primary_key") or ()),
+                    cursor_field=cursor.get("field") if isinstance(cursor, dict) else cursor,
+                    cursor_type=cursor.get("type") if isinstance(cursor, dict) else None,
+                    schema=spec.get("schema"),
+                    on_invalid=spec.get("on_invalid", "fail"),
+                    write=spec.get("write"),
+                )
+            return out
+
+        return self._settle(read)
+
+
+def _finished(step: StepSpec, referenced: set[str]) -> StepSpec:
+    """The step with what only the whole flow tells: whether a later expression reads it, and
+    its fields as one compiled function when every field is JMESPath on the record."""
+    inner = tuple(_finished(s, referenced) for s in step.steps)
+    shape = None
+    if step.fields is not None and all(f.expression is not None for f in step.fields):
+        shape = compile_shape(tuple((f.name, f.expression) for f in step.fields if f.expression))
+    return dataclasses.replace(step, steps=inner, referenced=step.id in referenced, shape=shape)
