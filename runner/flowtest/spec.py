@@ -110,7 +110,7 @@ def _read_jsonl(path: str) -> list[Any]:
 
 def load_test_file(path: str, *, update: bool = False) -> TestFile:
     """A test file with its flow and recordings loaded; problems collected, never raised."""
-    from runner.validate import _problems
+    from runner.schema import _problems
 
     test = TestFile(path)
     try:
