@@ -1,7 +1,8 @@
 """Auth strategies: static credentials, OAuth2 tokens and session logins, applied to requests.
 
 One `ServiceAuth` per service (or step override) caches its tokens for the run; token and
-login requests go through its own `ServiceClient`, counted in the run's `Stats`.
+login requests go through its own `ServiceClient`, counted in the run's `Stats`, with the
+run's transport (marked `auth` in its options) and clock (token expiry).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import asyncio
 import base64
 import contextlib
 import json
+import random
 import re
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
+from runner.clock import SYSTEM_CLOCK, Clock
 from runner.errors import (
     BODY_KEEP_CHARS,
     DecodeError,
@@ -34,10 +36,12 @@ from runner.http import (
     Stats,
     Timeouts,
     TlsOptions,
+    aiohttp_transport,
     build_url,
     encode_query,
 )
 from runner.redact import Redactor
+from runner.transport import TransportFactory
 
 if TYPE_CHECKING:
     from runner.http import Authorize
@@ -81,7 +85,9 @@ class ServiceAuth:
         timeouts: Timeouts = _DEFAULT_TIMEOUTS,
         retry: RetryPolicy = _DEFAULT_RETRY,
         allow_insecure_http: bool = False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        transport: TransportFactory = aiohttp_transport,
     ) -> None:
         self.service = service
         self._stats = stats
@@ -92,6 +98,8 @@ class ServiceAuth:
         self._retry = retry
         self._allow_insecure_http = allow_insecure_http
         self._clock = clock
+        self._rng = rng
+        self._transport = transport
         self._client: ServiceClient | None = None
         self._authorizers: list[tuple[dict[str, Any], _Authorizer]] = []
         self._token_response: dict[str, Any] | None = None
@@ -178,6 +186,11 @@ class ServiceAuth:
                 stats=self._stats,
                 redactor=self._redactor,
                 allow_insecure_http=self._allow_insecure_http,
+                clock=self._clock,
+                rng=self._rng,
+                transport=self._transport,
+                service=self.service,
+                auth=True,
             )
         return self._client
 
@@ -329,7 +342,7 @@ class _TokenAuthorizer(_Authorizer):
                 await pending
 
     def _stale(self, token: _Token) -> bool:
-        return token.refresh_at is not None and self._owner._clock() >= token.refresh_at
+        return token.refresh_at is not None and self._owner._clock.monotonic() >= token.refresh_at
 
     async def _obtain(self, *, rejected: str | None) -> _Token:
         if self._pending is None:
@@ -358,7 +371,7 @@ class _TokenAuthorizer(_Authorizer):
         if seconds is None:
             return None
         margin = min(MAX_REFRESH_MARGIN_S, REFRESH_MARGIN_FRACTION * seconds)
-        return self._owner._clock() + seconds - margin
+        return self._owner._clock.monotonic() + seconds - margin
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from . import clock
 from .engine import Context, FlowRun, RunInfo, Sink
 from .errors import RunError, UsageError
 from .model import Flow, StepSpec
@@ -36,7 +36,7 @@ def show_dry_run(
         name: {"cursor": (streams.get(name) or {}).get("cursor")}
         for name in set(flow.streams) | set(streams)
     }
-    started = datetime.now(UTC)
+    started = clock.current().now()
     run = FlowRun(
         flow=flow,
         inputs=inputs,

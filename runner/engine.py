@@ -7,13 +7,14 @@ import contextlib
 import json
 import logging
 import os
-import time
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .clock import SYSTEM_CLOCK, Clock
 from .decode import decode_body, decode_lenient
 from .errors import (
     BODY_KEEP_CHARS,
@@ -35,6 +36,7 @@ from .http import (
     Timeouts,
     TlsOptions,
     TransportError,
+    aiohttp_transport,
     backoff_delay,
     build_url,
     encode_multipart,
@@ -48,6 +50,7 @@ from .outputs import Outputs
 from .paginate import Pagination
 from .redact import Redactor
 from .secrets import Secrets
+from .transport import TransportFactory
 
 if TYPE_CHECKING:
     from .auth import ServiceAuth
@@ -220,7 +223,11 @@ class RunInfo:
 
 @dataclass(slots=True, eq=False)
 class FlowRun:
-    """One run of a flow: its scope, clients, outputs and counters."""
+    """One run of a flow: its scope, clients, outputs and counters.
+
+    `transport` makes each service's transport (and its auth's); `clock` times every wait
+    and reading of the time; `rng` draws the backoff jitter (None: the `random` module's).
+    """
 
     flow: Flow
     inputs: dict[str, Any]
@@ -231,6 +238,9 @@ class FlowRun:
     redactor: Redactor
     info: RunInfo
     refresh_token_store: Any = None
+    transport: TransportFactory = aiohttp_transport
+    clock: Clock = SYSTEM_CLOCK
+    rng: random.Random | None = None
     stats: Stats = field(default_factory=Stats)
     steps_scope: dict[str, dict[str, Any]] = field(default_factory=dict)
     auth_scope: dict[str, Any] = field(default_factory=dict)
@@ -288,7 +298,14 @@ class FlowRun:
             return existing
         spec = self.flow.services.get(service) if service else None
         if spec is None:
-            made = ServiceClient("(no service)", stats=self.stats, redactor=self.redactor)
+            made = ServiceClient(
+                "(no service)",
+                stats=self.stats,
+                redactor=self.redactor,
+                clock=self.clock,
+                rng=self.rng,
+                transport=self.transport,
+            )
         else:
             made = ServiceClient(
                 spec.name,
@@ -299,6 +316,9 @@ class FlowRun:
                 stats=self.stats,
                 redactor=self.redactor,
                 allow_insecure_http=spec.allow_insecure_http,
+                clock=self.clock,
+                rng=self.rng,
+                transport=self.transport,
             )
         self.clients[key] = made
         return made
@@ -320,6 +340,9 @@ class FlowRun:
             retry=spec.retry if spec else RetryPolicy(),
             refresh_token_store=self.refresh_token_store,
             allow_insecure_http=spec.allow_insecure_http if spec else False,
+            clock=self.clock,
+            rng=self.rng,
+            transport=self.transport,
         )
         self.auths[key] = made
         return made
@@ -715,7 +738,7 @@ class FlowRun:
     ) -> tuple[Response | None, TransportError | None]:
         """Send and decode; with `poll`, resend until `until` holds. A transport failure after
         all retries is returned, for an `on_status: error` rule to see."""
-        started = time.monotonic() if step.poll is not None else 0.0
+        started = self.clock.monotonic() if step.poll is not None else 0.0
         while True:
             try:
                 response = await self.send(step, request, scope)
@@ -737,7 +760,7 @@ class FlowRun:
                     kind="http",
                     **self._request_fields(request, response),
                 )
-            if time.monotonic() - started + step.poll.interval > step.poll.timeout:
+            if self.clock.monotonic() - started + step.poll.interval > step.poll.timeout:
                 raise UnavailableError(
                     self._message(
                         step.poll.message,
@@ -748,7 +771,7 @@ class FlowRun:
                     kind="timeout",
                     **self._request_fields(request, response),
                 )
-            await asyncio.sleep(step.poll.interval)
+            await self.clock.sleep(step.poll.interval)
 
     def decode(self, step: StepSpec, response: Response) -> None:
         """Decode the body in place of the raw bytes (kept in `response.body` as data)."""
@@ -909,7 +932,7 @@ class FlowRun:
             value = rule.delay.search(rscope)
             delay = float(value) if isinstance(value, int | float | str) and value != "" else None
         if delay is None and response is not None:
-            delay = retry_after_seconds(response.headers.get("retry-after"))
+            delay = retry_after_seconds(response.headers.get("retry-after"), self.clock.time())
             if delay is not None and delay > step.retry.max_retry_after:
                 raise UnavailableError(
                     f"Retry-After of {delay:g} s exceeds max_retry_after "
@@ -917,7 +940,7 @@ class FlowRun:
                     **self._request_fields(request, response),
                 )
         if delay is None:
-            delay = backoff_delay(step.retry, attempts)
+            delay = backoff_delay(step.retry, attempts, self.rng)
         # The client counts this resend (first_attempt > 1) in stats.retries.
         try:
             new = await self.send(

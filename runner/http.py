@@ -1,34 +1,28 @@
-"""Per-service aiohttp sessions: timeouts, retries and backoff, rate limits, redirects."""
+"""Sending: a service's requests with retries and backoff, rate limits, redirects and auth,
+each hop handed to the transport (runner/transport.py), every wait timed by the clock."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import functools
 import json
 import mimetypes
 import os
 import random
 import re
-import ssl
 import time
 import uuid
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
-from urllib.request import proxy_bypass
 
-import aiohttp
-from aiohttp.helpers import ProxyInfo, proxies_from_env
-from multidict import CIMultiDictProxy
 from yarl import URL
 
-from runner.decode import BodyLimit, body_excerpt
+from runner.clock import SYSTEM_CLOCK, Clock
+from runner.decode import body_excerpt
 from runner.errors import (
     BODY_KEEP_CHARS,
-    DecodeError,
     RenderError,
     RunError,
     SecurityError,
@@ -45,6 +39,13 @@ from runner.messages import Timeouts as Timeouts
 from runner.messages import TlsOptions as TlsOptions
 from runner.messages import is_loopback as is_loopback
 from runner.redact import Redactor
+from runner.transport import (
+    Transport,
+    TransportFactory,
+    TransportFailure,
+    TransportOptions,
+    full_url,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,15 +83,12 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 NOT_PAUSED = float("-inf")
-_NO_EXTRA: dict[str, Any] = {}
 MAX_REDIRECTS = 10
-CHUNK_SIZE = 65536
 # X-RateLimit-Reset above this is an epoch time, below it seconds to wait.
 EPOCH_THRESHOLD = 1e9
 # Never sent to another origin, whatever the auth layer marked.
 ALWAYS_SENSITIVE = frozenset({"authorization", "cookie", "proxy-authorization"})
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
-_TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
 
 
 # ---------------------------------------------------------------- URLs and bodies
@@ -214,12 +212,7 @@ def _check_scheme(url: URL, shown: str, allow_insecure_http: bool) -> None:
         )
 
 
-def _full_url(request: PreparedRequest) -> URL:
-    try:
-        url = URL(request.url, encoded=True)
-        return url.extend_query(request.query) if request.query else url
-    except (ValueError, TypeError) as exc:
-        raise RunError(f"invalid URL: {exc}", url=request.url) from exc
+_full_url = full_url  # the URL a request is sent to, query included
 
 
 def _strip_query(url: URL, names: set[str]) -> URL:
@@ -358,14 +351,14 @@ def rate_limit_wait(headers: Mapping[str, str], now: float | None = None) -> flo
     return None
 
 
-Clock = Callable[[], float]
+Monotonic = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
 class SlidingWindow:
     """At most `requests` acquisitions in any window of `per_seconds`: a log of send times."""
 
-    def __init__(self, limit: RateLimit, clock: Clock, sleep: Sleep) -> None:
+    def __init__(self, limit: RateLimit, clock: Monotonic, sleep: Sleep) -> None:
         self._limit = limit
         self._clock = clock
         self._sleep = sleep
@@ -396,71 +389,22 @@ class SlidingWindow:
 # ---------------------------------------------------------------- the client
 
 
-def _ssl_context(tls: TlsOptions) -> ssl.SSLContext | bool:
-    if not tls.verify:
-        return False
-    if tls == TlsOptions():
-        return True  # the default: each https request gets default_tls_context()
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        if tls.client_cert:
-            context.load_cert_chain(tls.client_cert, tls.client_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load TLS files: {exc}") from exc
-    return context
+def aiohttp_transport(options: TransportOptions) -> Transport:
+    """The default TransportFactory: the real network (runner/aiohttp_transport.py), imported
+    on first use, so that a run with another transport never loads aiohttp."""
+    from runner.aiohttp_transport import AiohttpTransport
 
-
-@functools.cache
-def default_tls_context() -> ssl.SSLContext:
-    """Verifying, with the system's CAs, for the services with default TLS options; one per
-    process, made on its first https request: loading the CA bundle takes ~20 ms that a run
-    of plain http:// services need not pay. Passed with each https request, so the runner
-    never relies on the contexts aiohttp builds at import (see cli.py)."""
-    context = ssl.create_default_context()
-    context.set_alpn_protocols(["http/1.1"])  # as aiohttp's own
-    return context
-
-
-def _response_headers(raw: CIMultiDictProxy[str]) -> dict[str, str]:
-    headers = {name.lower(): value for name, value in raw.items()}
-    if len(headers) == len(raw):
-        return headers
-    headers = {}  # a repeated header: its values joined in order
-    for name, value in raw.items():
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return headers
-
-
-def _describe(exc: BaseException, timeouts: Timeouts) -> str:
-    """Names the cause of a transport failure in words an integrator acts on."""
-    if isinstance(exc, aiohttp.SocketTimeoutError):
-        return f"timed out after {timeouts.read:g} s waiting for data (read timeout)"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return f"timed out after {timeouts.connect:g} s connecting (connect timeout)"
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return f"timed out after {timeouts.read:g} s waiting for data (read timeout)"
-    if isinstance(exc, TimeoutError):
-        return f"timed out after {timeouts.total:g} s (total timeout per attempt)"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"response body cut short: {exc}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected without a response"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc}"
-    return f"connection failed: {exc or type(exc).__name__}"
-
-
-class _Attempt(Exception):
-    """Internal: a transport failure of one attempt, already described and counted."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    return AiohttpTransport(options)
 
 
 class ServiceClient:
-    """One per service for a run: a ClientSession with its own connector, limits and state."""
+    """One per service for a run: its transport, limits and state; everything above one hop.
+
+    Sends a request with its retries and backoff, rate limit and pauses, redirects (each hop
+    a send of its own through the transport), auth and 401 refresh, counting every attempt in
+    `stats`. The transport (runner/transport.py) sends each hop once; the clock
+    (runner/clock.py) times every wait.
+    """
 
     def __init__(
         self,
@@ -473,67 +417,45 @@ class ServiceClient:
         stats: Stats,
         redactor: Redactor,
         allow_insecure_http: bool = False,
-        clock: Clock = time.monotonic,
-        sleep: Sleep = asyncio.sleep,
-        wall_clock: Clock = time.time,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        transport: TransportFactory = aiohttp_transport,
+        service: str | None = None,
+        auth: bool = False,
     ) -> None:
+        """`service` names the service in the transport's options (default: `name`); `auth`
+        marks the client of its token and login requests; `rng` draws the backoff jitter."""
         self.name = name
         self.stats = stats
         self._redactor = redactor
         self._allow_insecure_http = allow_insecure_http
         self._clock = clock
-        self._sleep = sleep
-        self._wall_clock = wall_clock
-        self._ssl = _ssl_context(tls)  # here, so a bad CA file fails before any request
-        self._cookies = cookies
-        self._max_concurrency = max_concurrency
+        # Bound once: read a few times per request.
+        self._monotonic = clock.monotonic
+        self._sleep = clock.sleep
+        self._rng = rng
+        # Made here, so that a bad CA file fails before any request.
+        self._transport = transport(
+            TransportOptions(
+                service=service if service is not None else name,
+                tls=tls,
+                cookies=cookies,
+                max_connections=max_concurrency,
+                auth=auth,
+            )
+        )
         self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        self._window = SlidingWindow(rate_limit, clock, sleep) if rate_limit else None
+        self._window = (
+            SlidingWindow(rate_limit, clock.monotonic, clock.sleep) if rate_limit else None
+        )
         self._paused_until = NOT_PAUSED
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
         self._checked_origins: set[str] = set()
-        self._proxies: dict[str, ProxyInfo] = {}  # from the environment, with the session
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        # Created on first use: aiohttp wants a running event loop.
-        if self._session is None:
-            self._proxies = proxies_from_env()
-            connector = aiohttp.TCPConnector(limit=self._max_concurrency or 0, ssl=self._ssl)
-            # unsafe: internal services are often reached by IP address.
-            jar: aiohttp.abc.AbstractCookieJar = (
-                aiohttp.CookieJar(unsafe=True) if self._cookies else aiohttp.DummyCookieJar()
-            )
-            # auto_decompress off: aiohttp accepts a gzip body cut short as complete, and a
-            # truncated body must be retried; _read_body inflates and checks the stream's end.
-            # trust_env off: it would also add ~/.netrc credentials to any request without
-            # an Authorization header (auth: none, a cross-origin hop) and fail one with it.
-            # Proxies from the environment are applied by _proxy instead.
-            # Accept-Encoding: only what _read_body inflates (aiohttp would offer br and zstd);
-            # a request's own header still wins.
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=jar,
-                trust_env=False,
-                auto_decompress=False,
-                headers={"Accept-Encoding": _ACCEPT_ENCODING},
-            )
-        return self._session
-
-    def _proxy(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-        """The proxy for a URL from HTTP_PROXY, HTTPS_PROXY and NO_PROXY, as trust_env does."""
-        info = self._proxies.get(url.scheme)
-        if info is None or (url.host is not None and proxy_bypass(url.host)):
-            return None, None
-        return info.proxy, info.proxy_auth
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._transport.close()
 
     def pause_until(self, when: float) -> None:
-        """Pauses every request of this service until `when` (on the client's monotonic clock)."""
+        """Pauses every request of this service until `when` (on the clock's monotonic time)."""
         self._paused_until = max(self._paused_until, when)
 
     def _check_scheme_once(self, request: PreparedRequest) -> None:
@@ -546,17 +468,6 @@ class ServiceClient:
         if key not in self._checked_origins:
             _check_scheme(_full_url(request), url, self._allow_insecure_http)
             self._checked_origins.add(key)
-
-    def _client_timeout(self, t: Timeouts) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(t)
-        if timeout is None:
-            # sock_read must be set: without it a server that stalls after headers hangs to total.
-            # `connect` goes to sock_connect only: aiohttp's own `connect` would add a timer to
-            # every request, reused connections included (the wait for a free connection is
-            # bounded by max_concurrency and `total` anyway).
-            timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
-            self._timeouts[t] = timeout
-        return timeout
 
     async def send(
         self,
@@ -578,7 +489,7 @@ class ServiceClient:
         `same_origin`: a redirect to another origin fails (SecurityError) instead of being
         followed without credentials, for requests whose body is the credential.
         """
-        started = self._clock()
+        started = self._monotonic()
         attempt = first_attempt
         try:
             self._check_scheme_once(request)
@@ -587,7 +498,6 @@ class ServiceClient:
                 or request.method.upper() in IDEMPOTENT_METHODS
                 or any(k.lower() == "idempotency-key" for k in request.headers)
             )
-            timeout = self._client_timeout(timeouts)
             wait = initial_wait
             refreshed = False
             resend = first_attempt > 1
@@ -600,14 +510,16 @@ class ServiceClient:
                 sent = await authorize.apply(request) if authorize is not None else request
                 try:
                     response = await self._follow(
-                        sent, retry, timeout, timeouts, max_body_bytes, same_origin
+                        sent, retry, timeouts, max_body_bytes, same_origin
                     )
-                except _Attempt as failure:
+                except TransportFailure as failure:
                     if not can_retry or attempt >= retry.max_attempts:
                         raise TransportError(
-                            failure.message, attempts=attempt, elapsed_s=self._since(started)
+                            failure.message,
+                            attempts=attempt,
+                            elapsed_s=self._since(started),
                         ) from failure.__cause__
-                    wait = backoff_delay(retry, attempt)
+                    wait = backoff_delay(retry, attempt, self._rng)
                     attempt += 1
                     continue
                 response.attempts = attempt
@@ -626,7 +538,7 @@ class ServiceClient:
             raise self._located(exc, request, attempt, started) from exc.__cause__
 
     def _since(self, started: float) -> float:
-        return max(0.0, self._clock() - started)
+        return max(0.0, self._monotonic() - started)
 
     def _located(
         self, exc: RunError, request: PreparedRequest, attempt: int, started: float
@@ -639,9 +551,9 @@ class ServiceClient:
         )
 
     def _retry_wait(self, response: Response, retry: RetryPolicy, attempt: int) -> float:
-        retry_after = retry_after_seconds(response.headers.get("retry-after"), self._wall_clock())
+        retry_after = retry_after_seconds(response.headers.get("retry-after"), self._clock.time())
         if retry_after is None:
-            return backoff_delay(retry, attempt)
+            return backoff_delay(retry, attempt, self._rng)
         if retry_after > retry.max_retry_after:
             raise UnavailableError(
                 f"Retry-After of {retry_after:g} s exceeds max_retry_after "
@@ -657,7 +569,6 @@ class ServiceClient:
         self,
         request: PreparedRequest,
         retry: RetryPolicy,
-        timeout: aiohttp.ClientTimeout,
         timeouts: Timeouts,
         max_body_bytes: int,
         same_origin: bool = False,
@@ -666,14 +577,10 @@ class ServiceClient:
         hops = 0
         while True:
             if self._semaphore is None:
-                response = await self._request_now(
-                    request, retry, timeout, timeouts, max_body_bytes
-                )
+                response = await self._request_now(request, retry, timeouts, max_body_bytes)
             else:
                 async with self._semaphore:  # max_concurrency: one hop holds one slot
-                    response = await self._request_now(
-                        request, retry, timeout, timeouts, max_body_bytes
-                    )
+                    response = await self._request_now(request, retry, timeouts, max_body_bytes)
             if response.status not in REDIRECT_STATUSES:
                 return response
             location = response.headers.get("location")
@@ -696,7 +603,7 @@ class ServiceClient:
             )
 
     async def _wait_for_pause(self, retry: RetryPolicy) -> None:
-        while (wait := self._paused_until - self._clock()) > 0:
+        while (wait := self._paused_until - self._monotonic()) > 0:
             if wait > retry.max_retry_after:
                 raise UnavailableError(
                     f"service '{self.name}' is rate limited for {wait:.0f} s, more than "
@@ -708,78 +615,45 @@ class ServiceClient:
         self,
         request: PreparedRequest,
         retry: RetryPolicy,
-        timeout: aiohttp.ClientTimeout,
         timeouts: Timeouts,
         max_body_bytes: int,
     ) -> Response:
-        if self._paused_until > NOT_PAUSED and self._paused_until > self._clock():
+        """One hop through the transport, after the pause and the rate limit; counted once,
+        with its status when a response began."""
+        if self._paused_until > NOT_PAUSED and self._paused_until > self._monotonic():
             await self._wait_for_pause(retry)
         window = self._window
         slot = await window.acquire() if window is not None else None
-        url = _full_url(request)
-        session = self._session or self._get_session()
-        counted = False  # a response whose body then fails is still one request, counted once
-        proxy, proxy_auth = self._proxy(url) if self._proxies else (None, None)
-        # Only what differs from aiohttp's defaults: each keyword costs a scan of its ~35.
-        extra: dict[str, Any] = _NO_EXTRA
-        if request.body is not None or request.cookies or proxy is not None:
-            extra = {
-                "data": request.body,
-                "cookies": request.cookies or None,
-                "proxy": proxy,
-                "proxy_auth": proxy_auth,
-            }
-        if self._ssl is True and url.scheme == "https":
-            extra = {**extra, "ssl": default_tls_context()}
         try:
-            async with session.request(
-                request.method,
-                url,
-                headers=request.headers,
-                allow_redirects=False,
-                timeout=timeout,
-                **extra,
-            ) as resp:
-                if window is not None and slot is not None:
-                    window.settle(slot)
-                    slot = None
-                status, reason, final_url = resp.status, resp.reason or "", str(resp.url)
-                self.stats.count_response(status)
-                counted = True
-                headers = _response_headers(resp.headers)
-                self._observe_limits(status, headers, retry)
-                length = resp.content_length
-                if (
-                    length is not None
-                    and length <= max_body_bytes
-                    and "Content-Encoding" not in resp.headers
-                ):
-                    # Plain, of announced size within the limit: one read (aiohttp raises
-                    # ClientPayloadError if it ends short of its Content-Length).
-                    body = await resp.read()
-                else:
-                    body = await _read_body(resp, max_body_bytes, final_url, status)
-        except aiohttp.ClientConnectorCertificateError as exc:
-            self.stats.requests += 1
-            raise SecurityError(
-                f"TLS certificate verification failed: {exc.certificate_error}", url=str(url)
-            ) from exc
-        except _TRANSPORT_ERRORS as exc:
-            self.stats.requests += not counted
-            raise _Attempt(_describe(exc, timeouts)) from exc
-        except aiohttp.ClientError as exc:
-            self.stats.requests += not counted
-            raise RunError(f"invalid HTTP response: {exc}", url=str(url)) from exc
+            response = await self._transport.send(request, timeouts, max_body_bytes)
+        except TransportFailure as failure:
+            self._count(failure.status)
+            if failure.status is not None and failure.headers is not None:
+                self._observe_limits(failure.status, failure.headers, retry)
+            raise
+        except RunError as exc:  # a refused certificate, a body over the limit
+            self._count(exc.status)
+            raise
         finally:
             if window is not None and slot is not None:
-                window.settle(slot)  # no response, but the request may have reached the server
-        return Response(status=status, reason=reason, headers=headers, body=body, url=final_url)
+                # The window is measured from the response (or the failure): the server
+                # counts a request when it arrives, some time after the slot was granted.
+                window.settle(slot)
+        self.stats.count_response(response.status)
+        self._observe_limits(response.status, response.headers, retry)
+        return response
 
-    def _observe_limits(self, status: int, headers: dict[str, str], retry: RetryPolicy) -> None:
+    def _count(self, status: int | None) -> None:
+        if status is None:
+            self.stats.requests += 1
+        else:
+            self.stats.count_response(status)
+
+    def _observe_limits(self, status: int, headers: Mapping[str, str], retry: RetryPolicy) -> None:
         """Pauses the whole service when the server says so, not only this request."""
         wait: float | None = None
         if status in (429, 503):
-            wait = retry_after_seconds(headers.get("retry-after"), self._wall_clock())
+            wait = retry_after_seconds(headers.get("retry-after"), self._clock.time())
             if wait is not None and wait > retry.max_retry_after:
                 wait = None  # this request fails on it; the others need not stall
         if wait is None and (
@@ -787,9 +661,9 @@ class ServiceClient:
             or "ratelimit" in headers
             or "ratelimit-remaining" in headers
         ):
-            wait = rate_limit_wait(headers, self._wall_clock())
+            wait = rate_limit_wait(headers, self._clock.time())
         if wait:
-            self.pause_until(self._clock() + wait)
+            self.pause_until(self._monotonic() + wait)
 
 
 def _safe_url(request: PreparedRequest) -> str:
@@ -797,80 +671,3 @@ def _safe_url(request: PreparedRequest) -> str:
         return str(_full_url(request))
     except RunError:
         return request.url
-
-
-async def _read_body(
-    resp: aiohttp.ClientResponse, max_body_bytes: int, url: str, status: int
-) -> bytes:
-    """The decompressed body, counted while it arrives so that a gzip bomb stops early.
-
-    A compressed stream that ends before its end marker raises ClientPayloadError, like any
-    body cut short, so that it is retried.
-    """
-    inflater = _inflater(resp.headers.get("Content-Encoding"), url, status)
-    limit = BodyLimit(max_body_bytes)
-    chunks: list[bytes] = []
-    try:
-        async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
-            if inflater is None:
-                limit.add(chunk)
-                chunks.append(chunk)
-                continue
-            if not chunks and inflater.wbits == 15 and chunk[0] & 0x0F != 8:
-                # "deflate" sent raw, without its zlib header, as some servers do.
-                inflater = _Inflater(-zlib.MAX_WBITS)
-            data = chunk
-            while data and not inflater.eof:
-                # max_length bounds each piece, so a bomb never inflates past the limit + 64 KiB.
-                out = inflater.decompress(data, CHUNK_SIZE)
-                limit.add(out)
-                chunks.append(out)
-                data = inflater.unconsumed_tail
-        if inflater is not None and chunks and not inflater.eof:
-            raise aiohttp.ClientPayloadError("compressed body ended before its end marker")
-    except zlib.error as exc:
-        raise DecodeError(
-            f"response body is not valid {resp.headers.get('Content-Encoding')}: {exc}",
-            url=url,
-            status=status,
-            reason=resp.reason,
-        ) from exc
-    except DecodeError as exc:
-        raise exc.in_context(url=url, status=status, reason=resp.reason) from None
-    return b"".join(chunks)
-
-
-class _Inflater:
-    """zlib's decompressor with the window bits it was made with."""
-
-    __slots__ = ("_obj", "wbits")
-
-    def __init__(self, wbits: int) -> None:
-        self.wbits = wbits
-        self._obj = zlib.decompressobj(wbits)
-
-    @property
-    def eof(self) -> bool:
-        return self._obj.eof
-
-    @property
-    def unconsumed_tail(self) -> bytes:
-        return self._obj.unconsumed_tail
-
-    def decompress(self, data: bytes, max_length: int) -> bytes:
-        return self._obj.decompress(data, max_length)
-
-
-# Only what _read_body can inflate is asked for (aiohttp would add br and zstd).
-_ACCEPT_ENCODING = "gzip, deflate"
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-def _inflater(encoding: str | None, url: str, status: int) -> _Inflater | None:
-    name = (encoding or "").strip().lower()
-    if name in ("", "identity"):
-        return None
-    wbits = _WBITS.get(name)
-    if wbits is None:
-        raise DecodeError(f"unsupported Content-Encoding {encoding!r}", url=url, status=status)
-    return _Inflater(wbits)

@@ -12,10 +12,10 @@ import json
 import sys
 import uuid
 from collections.abc import Callable, Iterator, KeysView, Mapping, Set, ValuesView
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
+from runner.clock import current as current_clock
 from runner.expressions import format_datetime, to_epoch
 
 if TYPE_CHECKING:
@@ -209,8 +209,10 @@ def filter_raw(value: Any) -> RawPath:
 
 
 def global_now() -> str:
-    """The current time, ISO 8601 UTC with `Z`, to the second: `2024-05-01T12:00:00Z`."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current time, ISO 8601 UTC with `Z`, to the second: `2024-05-01T12:00:00Z`.
+
+    Read from the run's clock (runner/clock.py): compiled templates are shared by runs."""
+    return current_clock().now().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def global_uuid4() -> str:

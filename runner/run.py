@@ -9,15 +9,17 @@ import copy
 import json
 import logging
 import os
+import random
 import secrets as _random
 import signal
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from . import clock as clocks
+from .clock import SYSTEM_CLOCK, Clock
 from .compiler import compile_document
 from .dryrun import STATIC_NAMES, show_dry_run
 from .engine import FlowRun, RunInfo
@@ -30,13 +32,14 @@ from .errors import (
     UnavailableError,
     UsageError,
 )
-from .http import is_loopback
+from .http import aiohttp_transport, is_loopback
 from .loader import load_document
 from .model import NO_INPUTS, Flow
 from .outputs import atomic_write
 from .outputs.sinks import make_outputs
 from .redact import Redactor
 from .secrets import Secrets
+from .transport import TransportFactory
 from .validate import load_services_override
 
 log = logging.getLogger("runner")
@@ -172,15 +175,52 @@ def run_flow(
     stdout: TextIO | None = None,
     handle_signals: bool = False,
     redactor: Redactor | None = None,
+    transport: TransportFactory = aiohttp_transport,
+    clock: Clock = SYSTEM_CLOCK,
+    rng: random.Random | None = None,
 ) -> RunResult:
-    """Run a flow as `runner run` does; never raises for a failed run."""
-    started_at = datetime.now(UTC)
+    """Run a flow as `runner run` does; never raises for a failed run.
+
+    `transport` makes the transport of each service (runner/transport.py), `clock` times
+    the run and its waits (runner/clock.py), `rng` draws the retries' jitter; the defaults
+    are the real network, the system's clock and the `random` module.
+    """
+    with clocks.using(clock):
+        return _run_flow(
+            flow, inputs, output_dir=output_dir, output=output, sink=sink, state=state,
+            dry_run=dry_run, summary=summary, timeout=timeout, services=services,
+            environ=environ, stdout=stdout, handle_signals=handle_signals, redactor=redactor,
+            transport=transport, clock=clock, rng=rng,
+        )  # fmt: skip
+
+
+def _run_flow(
+    flow: Flow | str | os.PathLike[str],
+    inputs: Mapping[str, Any] | None,
+    *,
+    output_dir: str,
+    output: str | None,
+    sink: str | None,
+    state: str | None,
+    dry_run: bool,
+    summary: str | None,
+    timeout: float | None,
+    services: str | None,
+    environ: Mapping[str, str] | None,
+    stdout: TextIO | None,
+    handle_signals: bool,
+    redactor: Redactor | None,
+    transport: TransportFactory,
+    clock: Clock,
+    rng: random.Random | None,
+) -> RunResult:
+    started_at = clock.now()
     run_id = new_run_id(started_at)
     redactor = redactor if redactor is not None else Redactor()
     environ = dict(os.environ if environ is None else environ)
     out = stdout or sys.stdout
     flow_name = str(flow) if not isinstance(flow, Flow) else flow.name
-    clock = time.monotonic()
+    began = clock.monotonic()
     runner_state: dict[str, Any] = {"run": None}
     try:
         if not isinstance(flow, Flow):
@@ -210,6 +250,9 @@ def run_flow(
             started_at,
             runner_state,
             handle_signals,
+            transport,
+            clock,
+            rng,
         )
         error = None
         exit_code = result
@@ -238,7 +281,7 @@ def run_flow(
         status,
         exit_code,
         started_at,
-        time.monotonic() - clock,
+        clock.monotonic() - began,
         run,
         error,
         redactor,
@@ -285,6 +328,9 @@ def _run(
     started_at: datetime,
     holder: dict[str, Any],
     handle_signals: bool,
+    transport: TransportFactory,
+    clock: Clock,
+    rng: random.Random | None,
 ) -> int:
     values = prepare_inputs(flow, inputs)
     new_loop = loop_factory(environ)
@@ -322,6 +368,9 @@ def _run(
             redactor=redactor,
             info=RunInfo(run_id, started_at, flow.name),
             refresh_token_store=outputs.state,
+            transport=transport,
+            clock=clock,
+            rng=rng,
         )
         holder["run"] = run
         check_services_before_run(flow, run)
@@ -402,10 +451,7 @@ async def _drive(run: FlowRun, timeout: float | None, handle_signals: bool) -> N
             loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         try:
-            if timeout is not None:
-                async with asyncio.timeout(timeout):
-                    await run.run()
-            else:
+            async with clocks.deadline(run.clock, timeout):
                 await run.run()
         except TimeoutError as exc:
             raise UnavailableError(

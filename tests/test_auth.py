@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from runner.auth import ServiceAuth
+from runner.clock import SystemClock
 from runner.errors import DecodeError, RunError, UnavailableError, UsageError
 from runner.http import PreparedRequest, RetryPolicy, ServiceClient, Stats, Timeouts
 from runner.redact import Redactor
@@ -364,11 +365,21 @@ async def test_token_is_renewed_before_it_expires(server: AuthServer) -> None:
     assert server.resource_401s == 0  # renewed in advance, not after a rejection
 
 
+class MonotonicAt(SystemClock):
+    """The system's clock, but its monotonic time is the test's `now[0]`."""
+
+    def __init__(self, now: list[float]) -> None:
+        self._now = now
+
+    def monotonic(self) -> float:
+        return self._now[0]
+
+
 async def test_refresh_margin_with_a_fake_clock(server: AuthServer) -> None:
     server.expires_in = 100  # margin: min(30, 10) = 10 s
     now = [1000.0]
     stats, redactor = Stats(), Redactor()
-    auth = ServiceAuth("api", stats=stats, redactor=redactor, clock=lambda: now[0])
+    auth = ServiceAuth("api", stats=stats, redactor=redactor, clock=MonotonicAt(now))
     authorize = auth.authorizer(client_credentials(server), None)
     request = PreparedRequest("GET", "https://api.example/x")
     try:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from runner.clock import SystemClock
 from runner.errors import DecodeError, RenderError, RunError, SecurityError, UnavailableError
 from runner.http import (
     PreparedRequest,
@@ -109,6 +110,16 @@ async def make_client() -> AsyncIterator[Callable[..., ServiceClient]]:
         await client.close()
 
 
+class SleepRecorder(SystemClock):
+    """The system's clock, but its sleep is the test's."""
+
+    def __init__(self, sleep: Callable[[float], Awaitable[None]]) -> None:
+        self._record = sleep
+
+    async def sleep(self, seconds: float) -> None:
+        await self._record(seconds)
+
+
 async def send(
     client: ServiceClient,
     request: PreparedRequest,
@@ -183,7 +194,7 @@ async def test_backoff_waits_are_full_jitter(
     async def recording_sleep(seconds: float) -> None:
         waits.append(seconds)
 
-    client = make_client(sleep=recording_sleep)
+    client = make_client(clock=SleepRecorder(recording_sleep))
     policy = RetryPolicy(max_attempts=4, initial_delay=1.0, multiplier=3.0, max_delay=5.0)
     response = await send(client, get(await serve(app) + "/x"), policy)
     assert response.attempts == 4
@@ -201,7 +212,7 @@ async def test_continuation_shares_the_attempt_count(
     async def recording_sleep(seconds: float) -> None:
         waits.append(seconds)
 
-    client = make_client(sleep=recording_sleep)
+    client = make_client(clock=SleepRecorder(recording_sleep))
     policy = RetryPolicy(max_attempts=4, initial_delay=0.01)
     response = await send(
         client, get(await serve(app) + "/x"), policy, first_attempt=3, initial_wait=7.0
