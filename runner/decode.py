@@ -7,7 +7,7 @@ import io
 import json
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.parsers import expat
 
 from defusedxml import (
@@ -49,6 +49,10 @@ _XML_TYPES = frozenset({"application/xml", "text/xml"})
 MAX_XML_DEPTH = 200
 _UTF8 = "utf-8"
 _BOM = codecs.BOM_UTF8
+
+if TYPE_CHECKING:
+    from runner.messages import Response
+    from runner.redact import Redactor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,3 +433,26 @@ def decode_lenient(raw: bytes, content_type: str | None, options: DecodeOptions)
         if len(raw) > options.max_body_bytes:
             raise
         return _decode_text(raw, _charset(content_type))
+
+
+# -- receiving ------------------------------------------------------------------------------
+
+
+def receive(response: Response, options: DecodeOptions, redactor: Redactor) -> None:
+    """Decodes a final response's body into `response.data` (the raw bytes stay in `body`).
+
+    A 2xx body must decode (DecodeError, located by URL and status); any other is decoded
+    leniently, for the rules and the error message to read what they can.
+    """
+    raw = response.body
+    ctype = response.content_type
+    if 200 <= response.status < 300:
+        try:
+            data = decode_body(raw, ctype, options)
+        except DecodeError as exc:
+            raise exc.in_context(
+                url=redactor.redact(response.url), status=response.status
+            ) from exc.__cause__
+    else:
+        data = decode_lenient(raw, ctype, options)
+    response.data = data

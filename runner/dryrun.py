@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from . import clock
-from .engine import Context, FlowRun, RunInfo, Sink
+from .context import Context, RunInfo
+from .engine import FlowRun
 from .errors import RunError, UsageError
 from .model import Flow, StepSpec
 from .outputs import StateStore, StdoutOutputs
@@ -47,7 +48,7 @@ def show_dry_run(
         redactor=Redactor(),
         info=RunInfo("dry-run", started, flow.name),
     )
-    root = Context(run.steps_scope, Sink(run))
+    root = run.root_context()
     blocks = [
         _block(run, step, ctx, waits)
         for step, ctx, waits in _steps_with_context(run, flow.steps, root, "")
@@ -95,7 +96,7 @@ def _block(run: FlowRun, step: StepSpec, ctx: Context | None, waits: str) -> str
         return "\n".join(lines)
     pager = Pagination(step.paginate)
     try:
-        request = asyncio.run(run.build_request(step, run.scope(ctx, pager.scope()), pager))
+        request = asyncio.run(run.builder.request(step, run.scope(ctx, pager.scope()), pager))
     except RunError as exc:
         raise UsageError(f"--dry-run: step '{step.id}': {exc.message}") from exc
     query = "&".join(f"{k}={v}" for k, v in request.query)
