@@ -158,11 +158,11 @@ def _collector_paused() -> Iterator[None]:
 
 def _import_aiohttp_without_loading_cas() -> None:
     """aiohttp builds two TLS contexts as it is imported, each loading the system's CA bundle:
-    ~40 ms, a fifth of a short run. The runner uses neither (http.py passes its own context,
-    made on the first https request), so the CLI, which owns its process, imports aiohttp
-    with that loading skipped. The two contexts then trust no CA: a request that reached
-    one by mistake would fail verification, never pass it unchecked. A host process calling
-    run_flow imports aiohttp as it likes."""
+    ~40 ms, a fifth of a short run. The runner uses neither (aiohttp_transport.py passes its
+    own context, made on the first https request), so the CLI, which owns its process,
+    imports aiohttp with that loading skipped. The two contexts then trust no CA: a request
+    that reached one by mistake would fail verification, never pass it unchecked. A host
+    process calling run_flow imports aiohttp as it likes."""
     if "aiohttp" in sys.modules:
         return
     import ssl
