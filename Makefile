@@ -32,7 +32,9 @@ typecheck: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/runner validate flows
 
+# The example flows' own offline tests (flows/tests/) first: a broken example fails here.
 test: lint typecheck validate
+	$(BIN)/runner test flows
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

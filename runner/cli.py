@@ -23,6 +23,9 @@ SINK_VARIABLE = "RUNNER_SINK"
 if TYPE_CHECKING:
     import ssl
 
+    from .model import Flow
+    from .record import Recorder
+
 log = logging.getLogger("runner")
 
 
@@ -197,10 +200,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _collector_paused():
             _import_aiohttp_without_loading_cas()
-            from .run import failure_before_run, load_flow, run_flow, write_summary
+            from .run import failure_before_run, load_flow, write_summary
 
             flow = load_flow(args.flow, args.services)
         flow_name = flow.name
+    except RunnerError as exc:
+        if args.summary and not args.dry_run:
+            write_summary(args.summary, failure_before_run(flow_name, exc, redactor))
+        raise
+    # Once the flow is loaded the recording is written on every exit, a failure included.
+    recorder = _recorder(args.record, redactor) if args.record and not args.dry_run else None
+    try:
+        return _run_loaded(args, flow, redactor, recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
+
+
+def _recorder(path: str, redactor: Redactor) -> Recorder:
+    from .record import Recorder
+
+    try:
+        return Recorder(path, redactor)
+    except OSError as exc:
+        raise UsageError(f"--record {path}: {exc.strerror or exc}") from exc
+
+
+def _run_loaded(
+    args: argparse.Namespace, flow: Flow, redactor: Redactor, recorder: Recorder | None
+) -> int:
+    from .http import aiohttp_transport
+    from .run import failure_before_run, run_flow, write_summary
+
+    flow_name = flow.name
+    try:
         inputs = parse_inputs(args.input or [], args.inputs_file, flow.inputs_schema)
         if args.output is not None and args.output != "-":
             raise UsageError(
@@ -229,6 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         handle_signals=True,
         redactor=redactor,
+        transport=aiohttp_transport if recorder is None else recorder.wrap(aiohttp_transport),
     )
     return result.exit_code
 
@@ -249,6 +283,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if errors or (args.strict and warnings):
         return EXIT_USAGE
     return EXIT_OK
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """`runner test`: every case of every test file, replayed offline; the report on stdout."""
+    with _collector_paused():
+        _import_aiohttp_without_loading_cas()
+        from .flowtest import report
+        from .flowtest.suite import run_suite
+
+    suite = run_suite(args.paths, update=args.update)
+    formats = {"text": report.text_report, "json": report.json_report,
+               "github": report.github_report}  # fmt: skip
+    sys.stdout.write(formats[args.format](suite.results) + "\n")
+    if args.junit:
+        from .outputs import atomic_write
+
+        try:
+            atomic_write(args.junit, report.junit_xml(suite.results).encode("utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.junit}: {exc.strerror or exc}") from exc
+    return suite.exit_code
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -281,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--state", metavar="F", help="the state file (cursors, refresh tokens)")
     run.add_argument("--dry-run", action="store_true", help="render first requests, send none")
+    run.add_argument("--record", metavar="F.har", help="keep every exchange in a HAR 1.2 file")
     run.add_argument("--summary", metavar="F", help="write the run summary (JSON) to F")
     run.add_argument("--timeout", type=float, metavar="S", help="bound the whole run (seconds)")
     run.add_argument("--log-format", choices=["text", "json"], default="text")
@@ -294,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--format", choices=["text", "json", "github"], default="text")
     validate.add_argument("--strict", action="store_true", help="warnings fail too (exit 2)")
     validate.set_defaults(handler=cmd_validate)
+
+    test = sub.add_parser("test", help="run flows' test cases offline, from recordings")
+    test.add_argument("paths", nargs="*", metavar="PATH", help="test files or folders (default .)")
+    test.add_argument("--update", action="store_true", help="rewrite outputs and state snapshots")
+    test.add_argument("--junit", metavar="F", help="also write JUnit XML to F")
+    test.add_argument("--format", choices=["text", "json", "github"], default="text")
+    test.set_defaults(handler=cmd_test)
 
     schema = sub.add_parser("schema", help="print the flow JSON Schema")
     schema.set_defaults(handler=cmd_schema)

@@ -371,9 +371,13 @@ def read_entries(data: Any) -> list[RecordedEntry]:
 
 
 def load_har(path: str | os.PathLike[str]) -> list[RecordedEntry]:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except ValueError as exc:
-            raise HarFormatError(f"not valid JSON: {exc}") from exc
+    from .codec import json_loads  # orjson when installed: recordings can be large
+
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        data = json_loads(raw)
+    except ValueError as exc:
+        raise HarFormatError(f"not valid JSON: {exc}") from exc
+    del raw
     return read_entries(data)

@@ -6,6 +6,8 @@ imports the other at the top, and this module imports neither."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
@@ -215,9 +217,26 @@ def global_now() -> str:
     return current_clock().now().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Where `uuid4()` draws from; `runner test` sets one derived from the case and a counter.
+_UUID4: contextvars.ContextVar[Callable[[], str] | None] = contextvars.ContextVar(
+    "runner_uuid4", default=None
+)
+
+
 def global_uuid4() -> str:
     """A random UUID: `{{ uuid4() }}` -> `5f0c...-...`."""
-    return str(uuid.uuid4())
+    source = _UUID4.get()
+    return source() if source is not None else str(uuid.uuid4())
+
+
+@contextlib.contextmanager
+def using_uuid4(source: Callable[[], str]) -> Iterator[None]:
+    """`uuid4()` in this context (and the tasks made inside it) returns `source()`."""
+    token = _UUID4.set(source)
+    try:
+        yield
+    finally:
+        _UUID4.reset(token)
 
 
 FILTERS: dict[str, Callable[..., Any]] = {

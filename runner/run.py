@@ -178,19 +178,23 @@ def run_flow(
     transport: TransportFactory = aiohttp_transport,
     clock: Clock = SYSTEM_CLOCK,
     rng: random.Random | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    run_id: str | None = None,
 ) -> RunResult:
     """Run a flow as `runner run` does; never raises for a failed run.
 
     `transport` makes the transport of each service (runner/transport.py), `clock` times
     the run and its waits (runner/clock.py), `rng` draws the retries' jitter; the defaults
-    are the real network, the system's clock and the `random` module.
+    are the real network, the system's clock and the `random` module. `loop_factory`
+    makes the run's event loop (default: by RUNNER_EVENT_LOOP) and `run_id` names the run
+    (default: its start time and a random suffix); `runner test` passes its own.
     """
     with clocks.using(clock):
         return _run_flow(
             flow, inputs, output_dir=output_dir, output=output, sink=sink, state=state,
             dry_run=dry_run, summary=summary, timeout=timeout, services=services,
             environ=environ, stdout=stdout, handle_signals=handle_signals, redactor=redactor,
-            transport=transport, clock=clock, rng=rng,
+            transport=transport, clock=clock, rng=rng, loop_factory=loop_factory, run_id=run_id,
         )  # fmt: skip
 
 
@@ -213,9 +217,11 @@ def _run_flow(
     transport: TransportFactory,
     clock: Clock,
     rng: random.Random | None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    run_id: str | None,
 ) -> RunResult:
     started_at = clock.now()
-    run_id = new_run_id(started_at)
+    run_id = run_id or new_run_id(started_at)
     redactor = redactor if redactor is not None else Redactor()
     environ = dict(os.environ if environ is None else environ)
     out = stdout or sys.stdout
@@ -253,6 +259,7 @@ def _run_flow(
             transport,
             clock,
             rng,
+            loop_factory,
         )
         error = None
         exit_code = result
@@ -331,9 +338,10 @@ def _run(
     transport: TransportFactory,
     clock: Clock,
     rng: random.Random | None,
+    new_loop: Callable[[], asyncio.AbstractEventLoop] | None,
 ) -> int:
     values = prepare_inputs(flow, inputs)
-    new_loop = loop_factory(environ)
+    new_loop = new_loop or loop_factory(environ)
     secrets = Secrets(environ, redactor)
     secrets.resolve(flow.secrets)
     outputs = make_outputs(

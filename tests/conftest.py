@@ -104,7 +104,8 @@ class ServerThread:
         return self.url
 
     def stop(self) -> None:
-        if self._loop is not None:
+        """Stops the server; a second call does nothing (a test may stop it early)."""
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)

@@ -63,6 +63,12 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def same_records(expected: list[Any], actual: list[Any]) -> bool:
+    return len(expected) == len(actual) and all(
+        _equal(a, b) for a, b in zip(expected, actual, strict=True)
+    )
+
+
 def record_differences(stream: str, expected: list[Any], actual: list[Any]) -> list[str]:
     """The first differing record, field by field, and the counts if they differ."""
     out: list[str] = []

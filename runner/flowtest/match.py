@@ -38,6 +38,11 @@ class Shape:
     headers: tuple[tuple[str, str], ...]  # only the compared ones, names lower case
     url: str
 
+    @property
+    def route(self) -> tuple[object, ...]:
+        """What two matching requests share whatever their bodies: a key to index entries."""
+        return (self.method, self.origin, self.path, self.query, self.headers)
+
     def same_request(self, other: Shape) -> bool:
         return (
             self.method == other.method
