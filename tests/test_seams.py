@@ -376,3 +376,38 @@ def test_the_runs_timeout_is_measured_on_its_clock(tmp_path: Path) -> None:
     assert (result.exit_code, result.summary["error"]["kind"]) == (69, "timeout")
     assert "--timeout (45 s)" in result.summary["error"]["message"]
     assert len(factory.sent) == 2  # sent at 0 s and 30 s; the 60 s poll never came
+
+
+# -- the arrows --------------------------------------------------------------------------------
+
+
+def test_the_phases_import_neither_the_engine_nor_the_run() -> None:
+    from test_architecture import import_graph
+
+    graph = import_graph()
+
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    above = {"runner.engine", "runner.run", "runner.cli", "runner.dryrun"}
+    for phase in ("build", "send", "http", "auth", "decode", "handle", "mapping", "context"):
+        assert not reach(f"runner.{phase}") & above, phase
+    # The seams stand on plain data only.
+    assert reach("runner.clock") == set()
+    assert reach("runner.transport") <= {"runner.messages", "runner.errors"}
+
+
+def test_a_run_with_another_transport_never_loads_aiohttp() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, runner.run; print('aiohttp' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
