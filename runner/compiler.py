@@ -62,6 +62,7 @@ from runner.model import (
 )
 from runner.outputs import StreamSpec
 from runner.rendering import Mode
+from runner.reuse import Includes, expand, without_note
 from runner.schema import schema_problems
 from runner.templates import CompiledValue, Template, compile_template, compile_value, is_template
 
@@ -89,6 +90,8 @@ class Compiled:
 
     flow: Flow | None
     problems: tuple[Problem, ...]
+    # The services of the flow with its includes, for the warnings of a `--services` file.
+    service_names: tuple[str, ...] = ()
 
     @property
     def errors(self) -> list[Problem]:
@@ -99,22 +102,61 @@ class Compiled:
         return [p for p in self.problems if p.severity != "error"]
 
 
-def compile_document(doc: Document, services: Mapping[str, Any] | None = None) -> Compiled:
-    """The one pass over `doc`. `services` (a checked `--services` file) replaces keys of the
-    flow's services before they are compiled; the schema is checked on the file as written."""
-    found = schema_problems(doc)
+def compile_document(
+    doc: Document, services: Mapping[str, Any] | None = None, includes: Includes | None = None
+) -> Compiled:
+    """The one pass over `doc`. Its includes, defaults and definitions are merged in first
+    (reuse.py), each merged key keeping its place; `services` (a checked `--services` file)
+    then replaces keys of the flow's services before they are compiled. `includes` shares the
+    included files between the flows of one `validate` run."""
+    expanded = expand(doc, includes)
+    doc = expanded.doc
+    found = [*expanded.problems, *schema_problems(doc)]
     data = doc.data
     if not isinstance(data, dict):
         return Compiled(None, tuple(found))
     trusted = not any(p.severity == "error" for p in found)
+    for included in expanded.included:
+        found.extend(_included_services(included))
     if services is not None:
         data = _merged(data, services)
     compiler = _Compiler(doc, data, trusted, found)
     flow = compiler.flow()
-    problems = tuple(sorted(dict.fromkeys([*found, *compiler.problems])))
+    problems = _once([*found, *compiler.problems], expanded.notes)
     if any(p.severity == "error" for p in problems):
         flow = None
-    return Compiled(flow, problems)
+    names = tuple(str(name) for name in _mapping(data.get("services")))
+    return Compiled(flow, problems, names)
+
+
+def _included_services(doc: Document) -> list[Problem]:
+    """The problems of an included file's services on their own, whoever includes it."""
+    compiler = _Compiler(doc, doc.data, False, [])
+    for name, raw in _mapping(_mapping(doc.data).get("services")).items():
+        compiler._service(str(name), raw)
+    return compiler.problems
+
+
+def _once(problems: list[Problem], notes: frozenset[str]) -> tuple[Problem, ...]:
+    """Sorted, each once. A problem in a merged value is dropped when the same problem is
+    found where the value is written (it does not depend on the step that uses it), and is
+    kept once per flow otherwise, naming the first step that uses it."""
+    if not notes:
+        return tuple(sorted(dict.fromkeys(problems)))
+    # Where the value is written was checked on its own (the flow's and included files'
+    # schema): a problem found there is the one reported at that place.
+    plain = {(p.file, p.line, p.column, p.path) for p in problems if without_note(p, notes) is None}
+    seen: set[tuple[str, int, int, str, str]] = set()
+    kept: dict[Problem, None] = {}
+    for p in problems:  # in the walk's order: the first step that uses the value is named
+        base = without_note(p, notes)
+        if base is not None:
+            key = (p.file, p.line, p.column, p.path, base)
+            if key[:4] in plain or key in seen:
+                continue
+            seen.add(key)
+        kept[p] = None
+    return tuple(sorted(kept))
 
 
 def build_flow(doc: Document, services: Mapping[str, Any] | None = None) -> Flow:
@@ -256,10 +298,7 @@ class _Compiler:
 
     def at_value(self, path: Path, message: str, severity: str = "error") -> None:
         """A problem inside a template or expression, located at its text."""
-        line, column = self.doc.value_mark(path)
-        self.problems.append(
-            Problem(self.doc.file, line, column, format_path(path), message, severity)
-        )
+        self.problems.append(self.doc.value_problem(path, message, severity))
 
     def _settle(self, read: Callable[[], _T]) -> _T | None:
         """Plain settings, which the schema has checked. In a document it found errors in, a

@@ -20,7 +20,7 @@ from yaml.scanner import Scanner
 
 from runner.errors import FlowError, Problem, UsageError, format_path
 
-__all__ = ["Document", "Path", "load_data_file", "load_document", "load_text"]
+__all__ = ["Document", "Origin", "Path", "load_data_file", "load_document", "load_text"]
 
 Path = tuple[str | int, ...]
 
@@ -145,9 +145,43 @@ class Document:
         mark = self.value_marks.get(tuple(path))
         return mark if mark is not None else self.locate(path)
 
+    # Keys merged in from elsewhere (`defaults`, `use`, `include`): the prefix of a path in this
+    # document -> where that value was written. Empty for a document as loaded.
+    origins: Mapping[Path, Origin] = field(default_factory=dict, repr=False)
+
+    def origin(self, path: Sequence[str | int]) -> tuple[Document, Path, str]:
+        """The document and path where the key at `path` was written, and the note that
+        names its user: the key itself, or one merged in from another place."""
+        key = tuple(path)
+        origins = self.origins
+        if origins:
+            for end in range(len(key), 0, -1):
+                found = origins.get(key[:end])
+                if found is not None:
+                    return found.doc, (*found.path, *key[end:]), found.note
+        return self, key, ""
+
     def problem(self, path: Sequence[str | int], message: str, severity: str = "error") -> Problem:
-        line, column = self.locate(path)
-        return Problem(self.file, line, column, format_path(list(path)), message, severity)
+        doc, where, note = self.origin(path)
+        line, column = doc.locate(where)
+        return Problem(doc.file, line, column, format_path(where), message + note, severity)
+
+    def value_problem(
+        self, path: Sequence[str | int], message: str, severity: str = "error"
+    ) -> Problem:
+        """A problem inside a template or expression, located at the start of its text."""
+        doc, where, note = self.origin(path)
+        line, column = doc.value_mark(where)
+        return Problem(doc.file, line, column, format_path(where), message + note, severity)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a merged value was written, and the note that names the step that uses it."""
+
+    doc: Document
+    path: Path
+    note: str
 
 
 class _Fatal(Exception):

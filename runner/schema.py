@@ -17,12 +17,21 @@ from runner.loader import Document, Path
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator, ValidationError
 
-__all__ = ["NOT_A_FLOW", "flow_schema", "schema_problems", "services_problems"]
+__all__ = [
+    "NOT_A_FLOW",
+    "flow_schema",
+    "included_problems",
+    "schema_problems",
+    "services_problems",
+]
 
 SCHEMA_RESOURCE: Final = "flow.schema.json"
 
 NOT_A_FLOW: Final = (
     "a flow is a mapping with version, steps and optionally services, inputs, outputs"
+)
+NOT_AN_INCLUDED_FILE: Final = (
+    "an included file is a mapping with services, definitions, defaults and include"
 )
 NOT_A_SERVICES_FILE: Final = (
     "a services file is a mapping of service names to service keys (base_url, auth, ...)"
@@ -72,6 +81,24 @@ def _services_schema() -> dict[str, Any]:
     }
 
 
+def _included_schema() -> dict[str, Any]:
+    # The root's properties stay for the `#/properties/...` references of `included_file`.
+    schema = flow_schema()
+    return {
+        "$schema": schema["$schema"],
+        "$ref": "#/$defs/included_file",
+        "properties": schema["properties"],
+        "$defs": schema["$defs"],
+    }
+
+
+@functools.cache
+def _included_validator() -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(_included_schema())
+
+
 @functools.cache
 def _flow_validator() -> Draft202012Validator:
     from jsonschema import Draft202012Validator
@@ -95,7 +122,12 @@ def _fast_check(which: str) -> Callable[[Any], bool] | None:
         import jsonschema_rs
     except ImportError:
         return None
-    schema = flow_schema() if which == "flow" else _services_schema()
+    schemas: dict[str, Callable[[], dict[str, Any]]] = {
+        "flow": flow_schema,
+        "services": _services_schema,
+        "included": _included_schema,
+    }
+    schema = schemas[which]()
     check: Callable[[Any], bool] = jsonschema_rs.validator_for(schema).is_valid
     return check
 
@@ -313,6 +345,15 @@ def schema_problems(doc: Document) -> list[Problem]:
     if _surely_valid("flow", doc.data):
         return []
     return _problems(doc, _flow_validator(), doc.data)
+
+
+def included_problems(doc: Document) -> list[Problem]:
+    """Every way a file named by `include` breaks its schema, located in it."""
+    if not isinstance(doc.data, dict):
+        return [Problem(doc.file, 1, 1, "", NOT_AN_INCLUDED_FILE)]
+    if _surely_valid("included", doc.data):
+        return []
+    return _problems(doc, _included_validator(), doc.data)
 
 
 def services_problems(doc: Document, known: Sequence[str] | None = None) -> list[Problem]:

@@ -14,6 +14,7 @@ from typing import Final
 from runner.compiler import compile_document, merge_services
 from runner.errors import FlowError, Problem, UsageError
 from runner.loader import Document, load_document
+from runner.reuse import Includes
 from runner.schema import flow_schema, schema_problems, services_problems
 
 __all__ = [
@@ -120,18 +121,20 @@ def validate_paths(
     usable = overrides if not any(p.severity == "error" for p in override_problems) else None
 
     services: list[str] = []
+    # Each included file is read and checked once, and its own problems reported once.
+    includes = Includes()
     for file in find_flow_files(paths, exclude):
         try:
             doc = load_document(file)
         except FlowError as exc:
             problems.extend(exc.problems)
             continue
-        problems.extend(compile_document(doc, usable.data if usable is not None else None).problems)
-        if isinstance(doc.data, dict) and isinstance(doc.data.get("services"), dict):
-            services.extend(str(name) for name in doc.data["services"])
+        compiled = compile_document(doc, usable.data if usable is not None else None, includes)
+        problems.extend(compiled.problems)
+        services.extend(compiled.service_names)
     if overrides is not None:
         problems.extend(services_problems(overrides, services))
-    return sorted(problems)
+    return sorted(dict.fromkeys(problems))
 
 
 def _check_exists(services_file: str) -> None:
