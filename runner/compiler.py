@@ -44,6 +44,7 @@ from runner.model import (
     BODY_KEYS,
     DEFAULT_MAX_VISITS,
     NO_INPUTS,
+    AuthAlternative,
     AuthOverride,
     ExpectSpec,
     FieldSpec,
@@ -76,6 +77,7 @@ SCOPE_NAMES: Final = frozenset(
      "status", "reason", "headers", "body", "url"}
 )  # fmt: skip
 _ITEM_NAMES: Final = frozenset({"item", "item_index"})
+_AUTH_WHEN_NAMES: Final = frozenset({"inputs", "env"})
 # A setting of the wrong shape, in a document the schema already found errors in.
 _SHAPE_ERRORS: Final = (TypeError, ValueError, KeyError, AttributeError, IndexError, UsageError)
 
@@ -446,6 +448,7 @@ class _Compiler:
             for name, raw in _mapping(data.get("services")).items()
             if (spec := self._service(str(name), raw)) is not None
         }
+        self._check_auth_use(services)
         steps = self._steps(("steps",), data.get("steps"), services)
         outputs = self._outputs(data.get("outputs"))
         for name in _mapping(data.get("outputs")):
@@ -476,6 +479,28 @@ class _Compiler:
 
     # -- services -----------------------------------------------------------------------
 
+    def _check_auth_use(self, services: Mapping[str, ServiceSpec]) -> None:
+        for name, spec in services.items():
+            owner = spec.auth_use
+            if owner is None:
+                continue
+            where: Path = ("services", name, "auth", "use")
+            target = services.get(owner)
+            if owner == name:
+                self.at_key(where, "a service cannot use its own auth")
+            elif target is None:
+                self.at_key(
+                    where, f"unknown service '{owner}'" + did_you_mean(owner, list(services))
+                )
+            elif target.auth_use is not None:
+                self.at_key(
+                    where,
+                    f"service '{owner}' itself uses the auth of '{target.auth_use}': "
+                    f"use '{target.auth_use}'",
+                )
+            elif target.auth is None and not target.auth_alternatives:
+                self.at_key(where, f"service '{owner}' has no auth to share")
+
     def _service(self, name: str, raw: Any) -> ServiceSpec | None:
         path: Path = ("services", name)
         data = _mapping(raw)
@@ -483,7 +508,21 @@ class _Compiler:
         if host and not data.get("allow_insecure_http"):
             self.at_key((*path, "base_url"), _insecure_message(host))
         base_url = self.template((*path, "base_url"), data.get("base_url"))
-        auth = self.value((*path, "auth"), data.get("auth"))
+        raw_auth = data.get("auth")
+        auth: CompiledValue | None = None
+        alternatives: tuple[AuthAlternative, ...] = ()
+        auth_use: str | None = None
+        if isinstance(raw_auth, list):
+            alternatives = self._auth_alternatives((*path, "auth"), raw_auth)
+        elif isinstance(raw_auth, dict) and "use" in raw_auth:
+            auth_use = raw_auth["use"] if isinstance(raw_auth["use"], str) else None
+        else:
+            if isinstance(raw_auth, dict) and "when" in raw_auth:
+                self.at_key(
+                    (*path, "auth", "when"),
+                    "'when' belongs to an entry of a list of auth alternatives",
+                )
+            auth = self.value((*path, "auth"), raw_auth)
         headers = self.value((*path, "headers"), data.get("headers"))
         for key, value in data.items():
             if key not in ("base_url", "auth", "headers"):
@@ -496,6 +535,8 @@ class _Compiler:
                 name=name,
                 base_url=base_url,
                 auth=auth,
+                auth_alternatives=alternatives,
+                auth_use=auth_use,
                 headers=headers,
                 timeout=merge_timeouts(Timeouts(), data.get("timeout")),
                 retry=merge_retry(RetryPolicy(), data.get("retry")),
@@ -513,6 +554,51 @@ class _Compiler:
             )
 
         return self._settle(read)
+
+    def _auth_alternatives(self, path: Path, raw: list[Any]) -> tuple[AuthAlternative, ...]:
+        """Each alternative compiled and checked, with the secrets that only it names."""
+        out = []
+        for i, alternative in enumerate(raw):
+            if not isinstance(alternative, dict):
+                continue
+            where = (*path, i)
+            if "when" not in alternative and i < len(raw) - 1:
+                self.at_key(
+                    where,
+                    "an alternative without 'when' is always chosen: it must be the last",
+                )
+            when = self._auth_when((*where, "when"), alternative.get("when"))
+            outer, self.secrets = self.secrets, set()
+            try:
+                config = {k: v for k, v in alternative.items() if k != "when"}
+                compiled = self.value(where, config)
+                secrets = frozenset(self.secrets)
+            finally:
+                self.secrets = outer
+            if compiled is not None:
+                out.append(AuthAlternative(when, compiled, secrets))
+        return tuple(out)
+
+    def _auth_when(self, path: Path, raw: Any) -> Expression | Template | None:
+        """An alternative's `when`: JMESPath or one Jinja `{{ }}`, reading inputs, env and
+        has_secret('NAME') only (it is evaluated once, before the run)."""
+        text = self._source(raw)
+        if text is None:
+            return None
+        compiled: Expression | Template | None
+        if is_template(text):
+            compiled = self._compile(path, lambda: compile_template(text, "value"))
+            names = compiled.names - {"has_secret"} if compiled is not None else frozenset()
+        else:
+            compiled = self._compile(path, lambda: compile_expression(text))
+            names = compiled.root_names if compiled is not None else frozenset()
+        for name in sorted(names - _AUTH_WHEN_NAMES):
+            self.at_value(
+                path,
+                f"an auth alternative's when reads inputs, env and has_secret('NAME'), "
+                f"not '{name}': it is evaluated once, before the first request",
+            )
+        return compiled
 
     # -- steps ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ from jmespath import visitor as jvisitor
 from runner.errors import ExpressionError, RenderError
 
 __all__ = [
+    "SECRET_PRESENCE",
     "Expression",
     "compile_expression",
     "compile_shape",
@@ -164,7 +166,18 @@ class _Functions(jfunc.Functions):
             out[pair[0]] = pair[1]
         return out
 
+    @jfunc.signature({"types": ["string"]})
+    def _func_has_secret(self, name: str) -> bool:
+        check = SECRET_PRESENCE.get()
+        if check is None:
+            raise ValueError("has_secret() is read only by an auth alternative's when")
+        return check(name)
 
+
+# Whether a secret exists, while an auth alternative's `when` is evaluated (once per run).
+SECRET_PRESENCE: ContextVar[Callable[[str], bool] | None] = ContextVar(
+    "SECRET_PRESENCE", default=None
+)
 _FUNCTIONS = _Functions()
 _OPTIONS = jmespath.Options(custom_functions=_FUNCTIONS)
 # The interpreter keeps no per-search state, so one serves every expression.

@@ -177,12 +177,25 @@ class StepSpec:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class AuthAlternative:
+    """One entry of a list of auth alternatives: used when its `when` holds (or has none)."""
+
+    when: Expression | Template | None
+    auth: CompiledValue
+    secrets: frozenset[str]  # the secrets its templates name: required only when chosen
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class ServiceSpec:
     """One entry of `services`, compiled: base URL, auth, headers and transport settings."""
 
     name: str
     base_url: Template | None = None
     auth: CompiledValue | None = None
+    # `auth: [...]`: the alternatives, until the run chooses one into `auth`.
+    auth_alternatives: tuple[AuthAlternative, ...] = ()
+    # `auth: {use: S}`: S's auth, with S's token cache, refresh and rotated refresh token.
+    auth_use: str | None = None
     headers: CompiledValue | None = None
     timeout: Timeouts = Timeouts()
     retry: RetryPolicy = RetryPolicy()
@@ -208,6 +221,11 @@ class Flow:
     emitted: frozenset[str]  # every stream some emit names
     secrets: frozenset[str]  # secret names read statically, resolved before the first request
     document: Document = field(repr=False)
+
+    def auth_owner(self, service: str) -> str:
+        """The service whose auth (token cache, refresh, stored refresh token) `service` uses."""
+        spec = self.services.get(service)
+        return spec.auth_use if spec is not None and spec.auth_use else service
 
     def all_steps(self) -> Iterator[StepSpec]:
         for step in self.steps:

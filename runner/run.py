@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from . import clock as clocks
+from .authchoice import choose_auth
 from .clock import SYSTEM_CLOCK, Clock
 from .compiler import compile_document
 from .dryrun import STATIC_NAMES, show_dry_run
@@ -239,7 +240,8 @@ def _run_flow(
                 from .outputs.sinks import check_sink
 
                 check_sink(sink, output, state, environ, redactor)
-            show_dry_run(flow, prepare_inputs(flow, inputs), environ, out, state)
+            values = prepare_inputs(flow, inputs)
+            show_dry_run(choose_auth(flow, values, environ), values, environ, out, state)
             return RunResult(EXIT_OK, "success", {})
         result = _run(
             flow,
@@ -341,6 +343,7 @@ def _run(
     new_loop: Callable[[], asyncio.AbstractEventLoop] | None,
 ) -> int:
     values = prepare_inputs(flow, inputs)
+    flow = choose_auth(flow, values, environ)
     new_loop = new_loop or loop_factory(environ)
     secrets = Secrets(environ, redactor)
     secrets.resolve(flow.secrets)

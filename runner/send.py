@@ -88,6 +88,8 @@ class Sender:
         return made
 
     def service_auth(self, service: str, step: StepSpec | None) -> ServiceAuth:
+        if step is None:
+            service = self.flow.auth_owner(service)  # `auth: {use: S}`: S's tokens
         key = (service, step.id if step is not None else "")
         existing = self.auths.get(key)
         if existing is not None:
@@ -196,6 +198,9 @@ class Sender:
         for (service, step_id), auth in self.auths.items():
             if not step_id and auth.token_response is not None:
                 self.auth_scope[service] = auth.token_response
+        for name, spec in self.flow.services.items():
+            if spec.auth_use is not None and spec.auth_use in self.auth_scope:
+                self.auth_scope[name] = self.auth_scope[spec.auth_use]
 
 
 def _as_str(value: Any, what: str) -> str:
