@@ -173,6 +173,17 @@ def test_every_format_object_is_closed() -> None:
     ]
 
 
+def _resolve(ref: str) -> dict[str, Any]:
+    """The schema a local `$ref` (a JSON pointer into the flow schema) points to."""
+    node: Any = flow_schema()
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    assert isinstance(node, dict)
+    if "$ref" in node:  # a reference to a reference: its own keys win
+        return {**_resolve(node["$ref"]), **node}
+    return node
+
+
 def test_every_property_has_a_title_and_description() -> None:
     missing: list[str] = []
 
@@ -183,7 +194,7 @@ def test_every_property_has_a_title_and_description() -> None:
                     continue
                 target = prop
                 if "$ref" in prop:
-                    target = {**flow_schema()["$defs"][prop["$ref"].rsplit("/", 1)[1]], **prop}
+                    target = {**_resolve(prop["$ref"]), **prop}
                 if "description" not in target or "title" not in target:
                     missing.append(f"{where}/properties/{name}")
             for key, value in node.items():
