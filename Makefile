@@ -5,12 +5,14 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-api test lint typecheck validate bench clean
+.PHONY: install demo demo-api test lint typecheck validate bench dist dist-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,fast]'
+	# A venv made before the distribution was renamed has it installed as `runner`.
+	$(BIN)/pip uninstall --quiet --yes runner 2>/dev/null || true
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,5 +42,16 @@ test: lint typecheck validate
 bench: $(STAMP)
 	bash benchmarks/run.sh
 
+# The sdist and the wheel for PyPI (distribution runner-flows), checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
+	$(BIN)/twine check --strict dist/*
+
+# Builds both, checks them, installs each into a fresh venv and runs `runner --version` there
+# (the same test runs in `make test`).
+dist-check: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_packaging.py
+
 clean:
-	rm -rf $(VENV) out build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

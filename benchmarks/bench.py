@@ -33,7 +33,22 @@ DLT_PY = HERE / ".venv-dlt" / "bin" / "python"
 AIRBYTE_PY = HERE / ".venv-airbyte" / "bin" / "python"
 
 SEQ_RECORDS = 50_000
+# What the runner was measured with: its own version and those of its speed dependencies, all
+# part of a plain install (a missing one is reported as such: its fallback was measured).
+SPEED_DEPENDENCIES = ("runner-flows", "orjson", "uvloop", "jsonschema-rs", "aiohttp")
 FANOUT_ITEMS = 3_000
+
+
+def installed() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in SPEED_DEPENDENCIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 @dataclass(slots=True)
@@ -266,8 +281,13 @@ def main() -> int:
         },
         "rounds": rounds,
         "quick": args.quick,
+        "runner_install": installed(),
     }
-    markdown: list[str] = []
+    markdown: list[str] = [
+        "The runner as a plain install (`pip install -e .`, no extras): "
+        + ", ".join(f"{name} {version}" for name, version in report["runner_install"].items())
+        + "\n"
+    ]
     # As installed (pip writes .pyc files): an editable checkout under PYTHONDONTWRITEBYTECODE
     # would otherwise compile the runner's source on every start, ~60 ms the peers never pay.
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "runner")], check=False)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, InterruptedRun, RunnerError, UsageError
 from .redact import Redactor
 
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner", description="Run declarative YAML integration flows against REST services."
     )
-    parser.add_argument("--version", action="version", version="runner 0.1.0")
+    parser.add_argument("--version", action="version", version=f"runner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a flow")

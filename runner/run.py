@@ -419,7 +419,7 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def loop_factory(environ: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop for a run: uvloop when installed (the `fast` extra), else asyncio's.
+    """The event loop for a run: uvloop when installed (not on Windows), else asyncio's.
 
     uvloop takes about a tenth off the CPU time of many small requests (docs/PERFORMANCE.md).
     RUNNER_EVENT_LOOP=asyncio opts out; =uvloop insists on it.
@@ -437,7 +437,7 @@ def loop_factory(environ: Mapping[str, str]) -> Callable[[], asyncio.AbstractEve
         if choice == "uvloop":
             raise UsageError(
                 f"{EVENT_LOOP_VARIABLE}=uvloop, but uvloop is not installed "
-                "(pip install 'runner[fast]')"
+                "(pip install uvloop; it has no Windows version)"
             ) from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop

@@ -113,9 +113,10 @@ def _services_validator() -> Draft202012Validator:
     return Draft202012Validator(_services_schema())
 
 
-# jsonschema-rs (the `fast` extra) answers "valid?" in microseconds and imports in a few
-# milliseconds; jsonschema (~30 ms to import) is then needed only to word the problems of a
-# flow that has some. Both implement draft 2020-12; tests hold them to the same verdicts.
+# jsonschema-rs answers "valid?" in microseconds and imports in a few milliseconds; jsonschema
+# (~30 ms to import) is then needed only to word the problems of a flow that has some, or
+# for everything where jsonschema-rs is missing. Both implement draft 2020-12; tests hold them
+# to the same verdicts.
 @functools.cache
 def _fast_check(which: str) -> Callable[[Any], bool] | None:
     try:
