@@ -1,12 +1,15 @@
 """runner: a declarative YAML integration runner for REST services.
 
-Load a flow with `load_flow(path)` and run it with `run_flow(flow, inputs=...)`; the CLI
-(`runner run`, `runner validate`, `runner schema`) is a thin layer over these.
+Load a flow with `load_flow(path)` and run it with `run_flow(flow, inputs=...)`, or with
+`await run_flow_async(flow, inputs=...)` inside a running event loop; the CLI (`runner run`,
+`runner validate`, `runner schema`) is a thin layer over these. The library writes nothing to
+stdout or stderr unless asked: it logs to the `runner` logger.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -20,7 +23,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .model import Flow
-    from .run import RunResult, load_flow, run_flow
+    from .run import RunResult, load_flow, run_flow, run_flow_async
 
 __version__ = "0.1.0"
 
@@ -36,10 +39,21 @@ __all__ = [
     "__version__",
     "load_flow",
     "run_flow",
+    "run_flow_async",
 ]
 
 # Imported on first use: `runner validate` must not pay for aiohttp and the engine.
-_LAZY = {"Flow": "model", "RunResult": "run", "load_flow": "run", "run_flow": "run"}
+_LAZY = {
+    "Flow": "model",
+    "RunResult": "run",
+    "load_flow": "run",
+    "run_flow": "run",
+    "run_flow_async": "run",
+}
+
+# A library logs and leaves the output to its host: without this, Python's last-resort
+# handler would print the warnings and errors of a run on stderr.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

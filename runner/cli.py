@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,49 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner")
 
 
-class _RedactingFilter(logging.Filter):
-    """Masks every known secret in a log record, whatever formatter prints it."""
-
-    def __init__(self, redactor: Redactor) -> None:
-        super().__init__()
-        self.redactor = redactor
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.redactor:
-            record.msg = self.redactor.redact(record.getMessage())
-            record.args = None
-            if record.exc_info:
-                # A traceback quotes exception messages, which may hold a secret.
-                text = logging.Formatter().formatException(record.exc_info)
-                record.exc_text = self.redactor.redact(text)
-                record.exc_info = None
-        return True
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": datetime.fromtimestamp(record.created, UTC).strftime(
-                    "%Y-%m-%dT%H:%M:%S.%fZ"
-                ),
-                "level": record.levelname.lower(),
-                "message": record.getMessage(),
-            },
-            ensure_ascii=False,
-        )
-
-
 def setup_logging(fmt: str, redactor: Redactor, verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("runner: %(levelname)s: %(message)s"))
-    handler.addFilter(_RedactingFilter(redactor))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
+    from .logs import setup
+
+    setup(fmt, redactor, verbose)
 
 
 # -- --input k=v --------------------------------------------------------------------------
@@ -201,12 +161,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _collector_paused():
             _import_aiohttp_without_loading_cas()
-            from .run import failure_before_run, load_flow, write_summary
+            from .run import load_flow
 
             flow = load_flow(args.flow, args.services)
         flow_name = flow.name
     except RunnerError as exc:
         if args.summary and not args.dry_run:
+            # Imported here: a signal may have interrupted the import above.
+            from .run import failure_before_run, write_summary
+
             write_summary(args.summary, failure_before_run(flow_name, exc, redactor))
         raise
     # Once the flow is loaded the recording is written on every exit, a failure included.
@@ -251,6 +214,11 @@ def _run_loaded(
             # inputs found here, before run_flow starts.
             write_summary(args.summary, failure_before_run(flow_name, exc, redactor))
         raise
+    from .progress import wanted
+
+    draw = wanted(sys.stderr, args.log_format, args.no_progress, os.environ)
+    if draw and (args.output == "-" or sink == "singer") and sys.stdout.isatty():
+        draw = False  # records on the same terminal: a redrawn line would cut into them
     result = run_flow(
         flow,
         inputs,
@@ -261,6 +229,7 @@ def _run_loaded(
         dry_run=args.dry_run,
         summary=args.summary,
         timeout=args.timeout,
+        progress=sys.stderr if draw and not args.dry_run else None,
         handle_signals=True,
         redactor=redactor,
         transport=aiohttp_transport if recorder is None else recorder.wrap(aiohttp_transport),
@@ -340,8 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", metavar="F.har", help="keep every exchange in a HAR 1.2 file")
     run.add_argument("--summary", metavar="F", help="write the run summary (JSON) to F")
     run.add_argument("--timeout", type=float, metavar="S", help="bound the whole run (seconds)")
-    run.add_argument("--log-format", choices=["text", "json"], default="text")
-    run.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one object a line, with run_id, step, url, status, ... as fields",
+    )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress line (it is drawn only when stderr is a terminal)",
+    )
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="log every attempt of every request"
+    )
     run.set_defaults(handler=cmd_run)
 
     validate = sub.add_parser("validate", help="check flows offline (for CI)")

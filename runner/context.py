@@ -158,6 +158,7 @@ class StepReport:
     pages: int = 0
     records: int = 0
     skipped: int = 0
+    stopped: int = 0
     ok_responses: int = 0
     ok_with_records: int = 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -387,12 +388,33 @@ def _decode_xml(
         )
     except DefusedXmlException as exc:
         where = f"Content-Type {content_type}" if content_type is not None else "no Content-Type"
+        if _looks_like_html(raw, content_type):  # <!DOCTYPE html> is a DTD to expat
+            raise _not_html(where, raw) from exc
         raise DecodeError(
             f"XML with a DTD or entity declarations is refused ({where})",
             body=body_excerpt(raw, BODY_KEEP_CHARS),  # redacted before it is cut
         ) from exc
     except (expat.ExpatError, ValueError) as exc:
+        if _looks_like_html(raw, content_type):
+            where = f"Content-Type {content_type}" if content_type else "no Content-Type"
+            raise _not_html(where, raw) from exc
         raise _invalid("xml", content_type, raw, exc) from exc
+
+
+_HTML_START = re.compile(rb"\s*(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html)[\s>]", re.I | re.S)
+
+
+def _looks_like_html(raw: bytes, content_type: str | None) -> bool:
+    """An HTML page (an error or login page, often) where XML was expected."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "text/html" or bool(_HTML_START.match(raw[:1024].lstrip(_BOM)))
+
+
+def _not_html(where: str, raw: bytes) -> DecodeError:
+    return DecodeError(
+        f"response is HTML, not XML ({where})",
+        body=body_excerpt(raw, BODY_KEEP_CHARS),
+    )
 
 
 def _decode_text(raw: bytes, charset: str | None) -> str:
@@ -438,11 +460,14 @@ def decode_lenient(raw: bytes, content_type: str | None, options: DecodeOptions)
 # -- receiving ------------------------------------------------------------------------------
 
 
-def receive(response: Response, options: DecodeOptions, redactor: Redactor) -> None:
+def receive(
+    response: Response, options: DecodeOptions, redactor: Redactor, method: str | None = None
+) -> None:
     """Decodes a final response's body into `response.data` (the raw bytes stay in `body`).
 
-    A 2xx body must decode (DecodeError, located by URL and status); any other is decoded
-    leniently, for the rules and the error message to read what they can.
+    A 2xx body must decode (DecodeError, located by the request's method, the final URL and
+    the status); any other is decoded leniently, for the rules and the error message to read
+    what they can.
     """
     raw = response.body
     ctype = response.content_type
@@ -451,7 +476,10 @@ def receive(response: Response, options: DecodeOptions, redactor: Redactor) -> N
             data = decode_body(raw, ctype, options)
         except DecodeError as exc:
             raise exc.in_context(
-                url=redactor.redact(response.url), status=response.status
+                method=method,
+                url=redactor.redact(response.url),
+                status=response.status,
+                reason=response.reason,
             ) from exc.__cause__
     else:
         data = decode_lenient(raw, ctype, options)

@@ -3,7 +3,6 @@ the run (inputs, env, secrets as ***, state, run); nothing is sent or written.""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -22,7 +21,7 @@ from .secrets import Secrets
 STATIC_NAMES = frozenset({"inputs", "env", "secrets", "state", "run"})
 
 
-def show_dry_run(
+async def show_dry_run(
     flow: Flow,
     inputs: dict[str, Any],
     environ: dict[str, str],
@@ -50,7 +49,7 @@ def show_dry_run(
     )
     root = run.root_context()
     blocks = [
-        _block(run, step, ctx, waits)
+        await _block(run, step, ctx, waits)
         for step, ctx, waits in _steps_with_context(run, flow.steps, root, "")
     ]
     out.write("\n\n".join(blocks) + "\n")
@@ -85,7 +84,7 @@ def _is_static(names: frozenset[str], step_refs: frozenset[str]) -> bool:
     return not step_refs and names <= STATIC_NAMES
 
 
-def _block(run: FlowRun, step: StepSpec, ctx: Context | None, waits: str) -> str:
+async def _block(run: FlowRun, step: StepSpec, ctx: Context | None, waits: str) -> str:
     lines = [f"step {step.id}:"]
     if ctx is None:
         lines.append(f"  needs {waits}")
@@ -96,7 +95,7 @@ def _block(run: FlowRun, step: StepSpec, ctx: Context | None, waits: str) -> str
         return "\n".join(lines)
     pager = Pagination(step.paginate)
     try:
-        request = asyncio.run(run.builder.request(step, run.scope(ctx, pager.scope()), pager))
+        request = await run.builder.request(step, run.scope(ctx, pager.scope()), pager)
     except RunError as exc:
         raise UsageError(f"--dry-run: step '{step.id}': {exc.message}") from exc
     query = "&".join(f"{k}={v}" for k, v in request.query)

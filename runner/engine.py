@@ -37,6 +37,7 @@ from .errors import RunError, UnavailableError
 from .expressions import truthy
 from .handle import Handler, message, request_fields, response_scope
 from .http import TransportError, aiohttp_transport
+from .logs import enter_step
 from .mapping import Mapper
 from .messages import PreparedRequest, Response, Stats
 from .model import Flow, StepSpec
@@ -46,6 +47,7 @@ from .redact import Redactor
 from .secrets import Secrets
 from .send import Sender
 from .transport import TransportFactory
+from .words import plural
 
 log = logging.getLogger("runner")
 
@@ -183,16 +185,43 @@ class FlowRun:
         return NEXT
 
     async def run_step(self, step: StepSpec, ctx: Context) -> Outcome:
+        enter_step(step.id, ctx.item_index if ctx.in_item else None)
         try:
             if step.when is not None and not truthy(step.when.search(self.scope(ctx))):
                 log.info("step %s: skipped (when is false)", step.id)
                 return NEXT
-            if step.for_each is not None:
-                await self.run_for_each(step, ctx)
-                return NEXT
-            return await self.run_request_step(step, ctx)
+            if ctx.in_item:  # an inner step of a block: the block's own line counts it
+                return await self._run_step(step, ctx)
+            before = self._counts(step)
+            started = self.clock.monotonic()
+            outcome = await self._run_step(step, ctx)
+            self._log_step_done(step, before, started)
+            return outcome
         except RunError as exc:
             raise exc.in_context(step=step.id, item_index=ctx.item_index) from exc.__cause__
+
+    async def _run_step(self, step: StepSpec, ctx: Context) -> Outcome:
+        if step.for_each is not None:
+            await self.run_for_each(step, ctx)
+            return NEXT
+        return await self.run_request_step(step, ctx)
+
+    def _counts(self, step: StepSpec) -> tuple[int, int]:
+        """Records and responses of a step and its inner steps so far."""
+        reports = [self.reports[s.id] for s in step.walk()]
+        return sum(r.records for r in reports), sum(r.requests for r in reports)
+
+    def _log_step_done(self, step: StepSpec, before: tuple[int, int], started: float) -> None:
+        records, responses = self._counts(step)
+        records -= before[0]
+        responses -= before[1]
+        duration_ms = round((self.clock.monotonic() - started) * 1000)
+        log.info(
+            "step %s: %s from %s in %.1f s",
+            step.id, plural(records, "record"), plural(responses, "response"),
+            duration_ms / 1000,
+            extra={"records": records, "duration_ms": duration_ms},
+        )  # fmt: skip
 
     # -- for_each -----------------------------------------------------------------------
 
@@ -207,7 +236,8 @@ class FlowRun:
         if step.max_items is not None and len(items) > step.max_items:
             self._cut_short(step)
             items = items[: step.max_items]
-        log.info("step %s: %d items, concurrency %d", step.id, len(items), step.concurrency)
+        count = plural(len(items), "item")
+        log.info("step %s: %s, concurrency %d", step.id, count, step.concurrency)
         if step.concurrency <= 1 or len(items) <= 1:
             for index, item in enumerate(items):
                 await self.run_item(step, ctx, item, index, ctx.sink)
@@ -261,6 +291,7 @@ class FlowRun:
         self, step: StepSpec, ctx: Context, item: Any, index: int, sink: Sink
     ) -> None:
         item_ctx = ctx.child(item, index, sink, step.steps)
+        enter_step(step.id, index)
         try:
             if step.steps:  # a block
                 # The block's steps update this item's own `steps.<id>` and, through the sink,
@@ -365,7 +396,7 @@ class FlowRun:
                 response = await self.sender.send(step, request, scope)
             except TransportError as exc:
                 return None, exc
-            receive(response, step.response, self.redactor)
+            receive(response, step.response, self.redactor, request.method)
             if step.poll is None:
                 return response, None
             rscope = response_scope(scope, response, request)
@@ -411,5 +442,5 @@ class FlowRun:
             )
         except TransportError as exc:
             return None, exc
-        receive(response, step.response, self.redactor)
+        receive(response, step.response, self.redactor, request.method)
         return response, None

@@ -17,6 +17,7 @@ from jmespath import functions as jfunc
 from jmespath import visitor as jvisitor
 
 from runner.errors import ExpressionError, RenderError
+from runner.words import plural
 
 __all__ = [
     "SECRET_PRESENCE",
@@ -356,14 +357,12 @@ def _check_functions(source: str, parsed: dict[str, Any]) -> None:
         if signature and signature[-1].get("variadic"):
             if given < len(signature):
                 raise ExpressionError(
-                    f"JMESPath: {name}() takes at least {len(signature)} arguments, "
+                    f"JMESPath: {name}() takes at least {plural(len(signature), 'argument')}, "
                     f"got {given}: {source}"
                 )
         elif given != len(signature):
-            plural = "" if len(signature) == 1 else "s"
-            raise ExpressionError(
-                f"JMESPath: {name}() takes {len(signature)} argument{plural}, got {given}: {source}"
-            )
+            wanted = plural(len(signature), "argument")
+            raise ExpressionError(f"JMESPath: {name}() takes {wanted}, got {given}: {source}")
 
 
 def _step_refs(parsed: dict[str, Any]) -> set[str]:

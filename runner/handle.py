@@ -5,17 +5,21 @@ failure that names step, request and response."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .context import END, MAP, NEXT, STOP, Context, Goto, Outcome, RunState
-from .errors import BODY_KEEP_CHARS, ExpectError, RunError, UnavailableError
+from .errors import BODY_KEEP_CHARS, ExpectError, RunError, UnavailableError, format_path
 from .expressions import truthy
 from .http import TransportError, backoff_delay, retry_after_seconds
 from .mapping import field_value
 from .messages import PreparedRequest, Response
 from .model import RuleSpec, SetSpec, StepSpec
 from .redact import Redactor
+from .words import plural
+
+log = logging.getLogger("runner")
 
 UNAVAILABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -82,9 +86,12 @@ class Handler:
             assert rule is not None and rule.goto is not None
             return Goto(rule.goto), rscope
         if action == "stop":
+            self.state.reports[step.id].stopped += 1
+            self._log_rule(step, ctx, rule, rscope, request)
             return STOP, rscope
         if action == "skip":
             self.state.reports[step.id].skipped += 1
+            self._log_rule(step, ctx, rule, rscope, request)
             return NEXT, rscope
         # ok and end: expect and set, then the records are mapped.
         if step.expect:
@@ -102,6 +109,34 @@ class Handler:
                 continue
             return rule
         return None
+
+    def _log_rule(
+        self,
+        step: StepSpec,
+        ctx: Context,
+        rule: RuleSpec | None,
+        rscope: dict[str, Any],
+        request: PreparedRequest,
+    ) -> None:
+        """A `skip` or `stop`: its `message` at info (it was written to be read), else a
+        debug line naming the rule."""
+        assert rule is not None
+        status = rscope["status"]
+        after = f"after {status}" if status is not None else "after a transport error"
+        where = f"step {step.id}" + (f" (item {ctx.item_index})" if ctx.in_item else "")
+        fields: dict[str, Any] = {
+            "method": request.method,
+            "url": self.redactor.redact(rscope["url"]),
+        }
+        if status is not None:
+            fields["status"] = status
+        if rule.message is not None:
+            text = message(self.redactor, rule.message, rscope, f"({format_path(rule.path)})")
+            log.info("%s: %s %s: %s", where, rule.action, after, text, extra=fields)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s: %s %s (%s)", where, rule.action, after, format_path(rule.path), extra=fields
+            )
 
     async def _retry(
         self,
@@ -124,7 +159,7 @@ class Handler:
                     redactor,
                     rule.message,
                     rscope,
-                    f"retry attempts exhausted ({attempts} attempts)",
+                    f"retry attempts exhausted ({plural(attempts, 'attempt')})",
                 ),
                 kind=rule.kind or ("unavailable" if error_class is UnavailableError else "http"),
                 **request_fields(redactor, request, response),
@@ -147,6 +182,12 @@ class Handler:
                 )
         if delay is None:
             delay = backoff_delay(step.retry, attempts, self.state.rng)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "step %s: on_status retry (%s): attempt %d of %d in %.2f s",
+                step.id, format_path(rule.path), attempts + 1, step.retry.max_attempts, delay,
+                extra={"attempt": attempts + 1, "delay_s": round(delay, 3)},
+            )  # fmt: skip
         # The client counts this resend (first_attempt > 1) in stats.retries.
         return await self._resend(step, request, scope, attempts + 1, delay)
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
 from yarl import URL
 
+from runner import __version__
 from runner.clock import SYSTEM_CLOCK, Clock
 from runner.decode import body_excerpt
 from runner.errors import (
@@ -48,6 +50,12 @@ from runner.wire import build_url as build_url
 from runner.wire import encode_multipart as encode_multipart
 from runner.wire import encode_query as encode_query
 from runner.wire import origin as origin
+
+log = logging.getLogger("runner")
+
+# Every request says what sent it (token and login requests too); a service's or a step's
+# `headers: {User-Agent: ...}` replaces it.
+USER_AGENT = f"runner/{__version__}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +406,7 @@ class ServiceClient:
             wait = initial_wait
             refreshed = False
             resend = first_attempt > 1
+            _set_user_agent(request.headers)
             while True:
                 if wait:
                     await self._sleep(wait)
@@ -405,30 +414,46 @@ class ServiceClient:
                     self.stats.retries += 1
                 resend = True
                 sent = await authorize.apply(request) if authorize is not None else request
+                began = self._monotonic()
                 try:
                     response = await self._follow(
                         sent, retry, timeouts, max_body_bytes, same_origin
                     )
                 except TransportFailure as failure:
                     if not can_retry or attempt >= retry.max_attempts:
+                        if log.isEnabledFor(logging.DEBUG):
+                            self._log_attempt(
+                                sent, None, failure, attempt, retry, began, None, can_retry
+                            )
                         raise TransportError(
                             failure.message,
                             attempts=attempt,
                             elapsed_s=self._since(started),
                         ) from failure.__cause__
                     wait = backoff_delay(retry, attempt, self._rng)
+                    if log.isEnabledFor(logging.DEBUG):
+                        self._log_attempt(sent, None, failure, attempt, retry, began, wait, True)
                     attempt += 1
                     continue
                 response.attempts = attempt
                 if response.status == 401 and authorize is not None and not refreshed:
                     refreshed = True
                     if await authorize.refresh(sent):
+                        if log.isEnabledFor(logging.DEBUG):
+                            self._log_attempt(
+                                sent, response, None, attempt, retry, began, 0.0, True,
+                                "credentials refreshed, sending again",
+                            )  # fmt: skip
                         wait = None
                         continue  # this resend is not counted toward max_attempts
                 if response.status in RETRY_STATUSES and can_retry and attempt < retry.max_attempts:
                     wait = self._retry_wait(response, retry, attempt)
+                    if log.isEnabledFor(logging.DEBUG):
+                        self._log_attempt(sent, response, None, attempt, retry, began, wait, True)
                     attempt += 1
                     continue
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log_attempt(sent, response, None, attempt, retry, began, None, can_retry)
                 response.elapsed_s = self._since(started)
                 return response
         except RunError as exc:
@@ -436,6 +461,54 @@ class ServiceClient:
 
     def _since(self, started: float) -> float:
         return max(0.0, self._monotonic() - started)
+
+    def _log_attempt(
+        self,
+        sent: PreparedRequest,
+        response: Response | None,
+        failure: TransportFailure | None,
+        attempt: int,
+        retry: RetryPolicy,
+        began: float,
+        delay: float | None,
+        can_retry: bool,
+        note: str | None = None,
+    ) -> None:
+        """-v: one line per attempt, with its outcome and what comes next."""
+        url = self._redactor.redact(_safe_url(sent))
+        duration_ms = round(self._since(began) * 1000)
+        if response is not None:
+            outcome = f"{response.status} {response.reason}".rstrip()
+            retryable = response.status in RETRY_STATUSES
+        else:
+            assert failure is not None
+            outcome = self._redactor.redact(failure.message)
+            retryable = True
+        if note is not None:
+            then = f"; {note}"
+        elif delay is not None:
+            then = f"; retrying in {delay:.2f} s"
+        elif retryable and not can_retry:
+            then = f"; not retried: {sent.method} is not idempotent (see retry_unsafe)"
+        elif retryable:
+            then = "; no attempts left"
+        else:
+            then = ""
+        fields: dict[str, Any] = {
+            "method": sent.method,
+            "url": url,
+            "attempt": attempt,
+            "duration_ms": duration_ms,
+        }
+        if response is not None:
+            fields["status"] = response.status
+        if delay is not None:
+            fields["delay_s"] = round(delay, 3)
+        log.debug(
+            "%s %s -> %s in %d ms (%s, attempt %d of %d)%s",
+            sent.method, url, outcome, duration_ms, self.name, attempt, retry.max_attempts, then,
+            extra=fields,
+        )  # fmt: skip
 
     def _located(
         self, exc: RunError, request: PreparedRequest, attempt: int, started: float
@@ -561,6 +634,15 @@ class ServiceClient:
             wait = rate_limit_wait(headers, self._clock.time())
         if wait:
             self.pause_until(self._monotonic() + wait)
+
+
+def _set_user_agent(headers: dict[str, str]) -> None:
+    """`User-Agent: runner/<version>` unless the request sets its own (a service's or a
+    step's `headers`, a login request's). In place: the request's headers are what is sent,
+    on every attempt and page."""
+    if "User-Agent" in headers or any(name.lower() == "user-agent" for name in headers):
+        return
+    headers["User-Agent"] = USER_AGENT
 
 
 def _safe_url(request: PreparedRequest) -> str:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from . import clock as clocks
+from . import logs
 from .authchoice import choose_auth
 from .clock import SYSTEM_CLOCK, Clock
 from .compiler import compile_document
@@ -38,10 +39,12 @@ from .loader import load_document
 from .model import NO_INPUTS, Flow
 from .outputs import atomic_write
 from .outputs.sinks import make_outputs
+from .progress import Progress
 from .redact import Redactor
 from .secrets import Secrets
 from .transport import TransportFactory
 from .validate import load_services_override
+from .words import plural
 
 log = logging.getLogger("runner")
 
@@ -174,6 +177,7 @@ def run_flow(
     services: str | None = None,
     environ: Mapping[str, str] | None = None,
     stdout: TextIO | None = None,
+    progress: TextIO | None = None,
     handle_signals: bool = False,
     redactor: Redactor | None = None,
     transport: TransportFactory = aiohttp_transport,
@@ -182,24 +186,126 @@ def run_flow(
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     run_id: str | None = None,
 ) -> RunResult:
-    """Run a flow as `runner run` does; never raises for a failed run.
+    """Run a flow as `runner run` does, in an event loop of its own; never raises for a
+    failed run: the outcome is in the returned RunResult.
 
-    `transport` makes the transport of each service (runner/transport.py), `clock` times
-    the run and its waits (runner/clock.py), `rng` draws the retries' jitter; the defaults
-    are the real network, the system's clock and the `random` module. `loop_factory`
-    makes the run's event loop (default: by RUNNER_EVENT_LOOP) and `run_id` names the run
-    (default: its start time and a random suffix); `runner test` passes its own.
+    flow: a Flow from `load_flow`, or the path of a flow file (loaded with `services`).
+    inputs: the run's inputs, checked against the flow's inputs schema (defaults filled in).
+    output_dir: where the JSONL files and the manifest go (default `out`).
+    output: `"-"` writes the records as NDJSON to `stdout` instead of files.
+    sink: a destination URL (`sqlite:///path.db`, `postgresql://...`, `singer`) instead of files.
+    state: the state file (cursors, refresh tokens), read at the start, written on success.
+    dry_run: render the first request of each step to `stdout`; send nothing, write nothing.
+    summary: a path to write the run summary to (JSON), on every exit but a dry run.
+    timeout: bound the whole run, in seconds (exit 69 when reached).
+    services: a `--services` file overriding service settings (only with a flow path).
+    environ: the environment the flow's `env.*` and secrets are read from (default os.environ).
+    stdout: where `output="-"` and `dry_run` write (default sys.stdout).
+    progress: a terminal stream to draw the progress line on (default: none).
+    handle_signals: turn SIGINT/SIGTERM into an interrupted run (exit 130/143); for a
+        process that owns its signals, as the CLI does.
+    redactor: a Redactor to share with the caller's own output (the CLI's log handler).
+    transport: makes the transport of each service (runner/transport.py; default: the
+        network through aiohttp).
+    clock: times the run and its waits (runner/clock.py; default: the system's clock).
+    rng: draws the retries' jitter (default: the `random` module).
+    loop_factory: makes the run's event loop (default: by RUNNER_EVENT_LOOP, uvloop when
+        installed); `run_flow` only.
+    run_id: names the run (default: its start time and a random suffix).
+
+    Called inside a running event loop it raises RuntimeError: await `run_flow_async` there.
     """
-    with clocks.using(clock):
-        return _run_flow(
-            flow, inputs, output_dir=output_dir, output=output, sink=sink, state=state,
-            dry_run=dry_run, summary=summary, timeout=timeout, services=services,
-            environ=environ, stdout=stdout, handle_signals=handle_signals, redactor=redactor,
-            transport=transport, clock=clock, rng=rng, loop_factory=loop_factory, run_id=run_id,
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "runner.run_flow() cannot run inside a running event loop (this thread already "
+            "runs one: Jupyter, an async web framework, an async task); use "
+            "`await runner.run_flow_async(...)` there, with the same arguments"
+        )
+    environ = dict(os.environ if environ is None else environ)
+    redactor = redactor if redactor is not None else Redactor()
+    new_loop = loop_factory
+    if new_loop is None and not dry_run:
+        try:
+            new_loop = _event_loop_for(environ)
+        except UsageError as exc:  # a bad RUNNER_EVENT_LOOP: reported as the run's outcome
+            return _outcome_before_start(flow, exc, summary, redactor)
+    with asyncio.Runner(loop_factory=new_loop) as loop_runner:
+        return loop_runner.run(
+            run_flow_async(
+                flow, inputs, output_dir=output_dir, output=output, sink=sink, state=state,
+                dry_run=dry_run, summary=summary, timeout=timeout, services=services,
+                environ=environ, stdout=stdout, progress=progress,
+                handle_signals=handle_signals, redactor=redactor, transport=transport,
+                clock=clock, rng=rng, run_id=run_id,
+            )
         )  # fmt: skip
 
 
-def _run_flow(
+async def run_flow_async(
+    flow: Flow | str | os.PathLike[str],
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    output_dir: str = "out",
+    output: str | None = None,
+    sink: str | None = None,
+    state: str | None = None,
+    dry_run: bool = False,
+    summary: str | None = None,
+    timeout: float | None = None,
+    services: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    stdout: TextIO | None = None,
+    progress: TextIO | None = None,
+    handle_signals: bool = False,
+    redactor: Redactor | None = None,
+    transport: TransportFactory = aiohttp_transport,
+    clock: Clock = SYSTEM_CLOCK,
+    rng: random.Random | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    run_id: str | None = None,
+) -> RunResult:
+    """`run_flow` for hosts that already run an event loop (Jupyter, FastAPI, async Airflow
+    tasks): the same parameters and the same RunResult, run in the caller's loop.
+
+    RUNNER_EVENT_LOOP does not apply (the loop is the host's). Loading the flow, opening the
+    outputs and the commit are short blocking steps in the loop's thread. Cancelling the
+    awaiting task stops the run, commits nothing and re-raises CancelledError.
+    `loop_factory` is refused (ValueError): the loop is the caller's.
+    """
+    if loop_factory is not None:
+        raise ValueError(
+            "run_flow_async runs in the caller's event loop: loop_factory is for run_flow"
+        )
+    with clocks.using(clock):
+        return await _execute(
+            flow, inputs, output_dir=output_dir, output=output, sink=sink, state=state,
+            dry_run=dry_run, summary=summary, timeout=timeout, services=services,
+            environ=dict(os.environ if environ is None else environ), stdout=stdout,
+            progress=progress, handle_signals=handle_signals,
+            redactor=redactor if redactor is not None else Redactor(),
+            transport=transport, clock=clock, rng=rng, run_id=run_id,
+        )  # fmt: skip
+
+
+def _outcome_before_start(
+    flow: Flow | str | os.PathLike[str],
+    error: RunnerError,
+    summary: str | None,
+    redactor: Redactor,
+) -> RunResult:
+    name = flow.name if isinstance(flow, Flow) else str(flow)
+    log.error("%s", redactor.redact(str(error)))
+    data = failure_before_run(name, error, redactor)
+    if summary:
+        write_summary(summary, data)
+    return RunResult(data["exit_code"], data["status"], data)
+
+
+async def _execute(
     flow: Flow | str | os.PathLike[str],
     inputs: Mapping[str, Any] | None,
     *,
@@ -211,93 +317,77 @@ def _run_flow(
     summary: str | None,
     timeout: float | None,
     services: str | None,
-    environ: Mapping[str, str] | None,
+    environ: dict[str, str],
     stdout: TextIO | None,
+    progress: TextIO | None,
     handle_signals: bool,
-    redactor: Redactor | None,
+    redactor: Redactor,
     transport: TransportFactory,
     clock: Clock,
     rng: random.Random | None,
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
     run_id: str | None,
 ) -> RunResult:
     started_at = clock.now()
     run_id = run_id or new_run_id(started_at)
-    redactor = redactor if redactor is not None else Redactor()
-    environ = dict(os.environ if environ is None else environ)
     out = stdout or sys.stdout
     flow_name = str(flow) if not isinstance(flow, Flow) else flow.name
     began = clock.monotonic()
     runner_state: dict[str, Any] = {"run": None}
-    try:
-        if not isinstance(flow, Flow):
-            flow = load_flow(flow, services)
-        elif services is not None:
-            raise UsageError("pass services= together with a flow path, not a loaded Flow")
-        flow_name = flow.name
-        if dry_run:
-            if sink is not None:  # checked, never connected: a dry run writes nothing
-                from .outputs.sinks import check_sink
+    with logs.run_context(run_id, flow_name) as logged:
+        try:
+            if not isinstance(flow, Flow):
+                flow = load_flow(flow, services)
+            elif services is not None:
+                raise UsageError("pass services= together with a flow path, not a loaded Flow")
+            flow_name = logged.flow = flow.name
+            if dry_run:
+                if sink is not None:  # checked, never connected: a dry run writes nothing
+                    from .outputs.sinks import check_sink
 
-                check_sink(sink, output, state, environ, redactor)
-            values = prepare_inputs(flow, inputs)
-            show_dry_run(choose_auth(flow, values, environ), values, environ, out, state)
-            return RunResult(EXIT_OK, "success", {})
-        result = _run(
-            flow,
-            inputs,
-            output_dir,
-            output,
-            sink,
-            state,
-            timeout,
-            environ,
-            out,
-            redactor,
-            run_id,
-            started_at,
-            runner_state,
-            handle_signals,
-            transport,
-            clock,
-            rng,
-            loop_factory,
+                    check_sink(sink, output, state, environ, redactor)
+                values = prepare_inputs(flow, inputs)
+                await show_dry_run(choose_auth(flow, values, environ), values, environ, out, state)
+                return RunResult(EXIT_OK, "success", {})
+            result = await _run(
+                flow, inputs, output_dir, output, sink, state, timeout, environ, out, redactor,
+                run_id, started_at, runner_state, handle_signals, progress, transport, clock,
+                rng,
+            )  # fmt: skip
+            error = None
+            exit_code = result
+        except Exception as exc:
+            # A bug of ours still ends as a failed run with a summary, never a traceback.
+            if not isinstance(exc, RunnerError):
+                log.debug("internal error", exc_info=True)
+                exc = RunError(f"internal error: {type(exc).__name__}: {exc}", kind="internal")
+            if isinstance(exc, RunError):
+                exc.redacted(redactor.redact)  # the body before it is cut to its excerpt
+            else:
+                exc.message = redactor.redact(exc.message)
+            error = exc
+            exit_code = exc.code if isinstance(exc, InterruptedRun) else exc.exit_code
+            text = redactor.redact(str(exc))
+            log.error("%s", text, extra=logs.error_fields(exc, text))
+        status = (
+            "success"
+            if exit_code == EXIT_OK
+            else ("interrupted" if isinstance(error, InterruptedRun) else "failed")
         )
-        error = None
-        exit_code = result
-    except Exception as exc:
-        # A bug of ours still ends as a failed run with a summary, never a traceback.
-        if not isinstance(exc, RunnerError):
-            log.debug("internal error", exc_info=True)
-            exc = RunError(f"internal error: {type(exc).__name__}: {exc}", kind="internal")
-        if isinstance(exc, RunError):
-            exc.redacted(redactor.redact)  # the body before it is cut to its excerpt
-        else:
-            exc.message = redactor.redact(exc.message)
-        error = exc
-        exit_code = exc.code if isinstance(exc, InterruptedRun) else exc.exit_code
-        message = redactor.redact(str(exc))
-        log.error("%s", message)
-    status = (
-        "success"
-        if exit_code == EXIT_OK
-        else ("interrupted" if isinstance(error, InterruptedRun) else "failed")
-    )
-    run: FlowRun | None = runner_state["run"]
-    summary_data = _summary(
-        run_id,
-        flow_name,
-        status,
-        exit_code,
-        started_at,
-        clock.monotonic() - began,
-        run,
-        error,
-        redactor,
-    )
-    if summary:
-        write_summary(summary, summary_data)
-    return RunResult(exit_code, status, summary_data)
+        run: FlowRun | None = runner_state["run"]
+        summary_data = _summary(
+            run_id,
+            flow_name,
+            status,
+            exit_code,
+            started_at,
+            clock.monotonic() - began,
+            run,
+            error,
+            redactor,
+        )
+        if summary:
+            write_summary(summary, summary_data)
+        return RunResult(exit_code, status, summary_data)
 
 
 def write_summary(path: str, data: dict[str, Any]) -> None:
@@ -322,7 +412,7 @@ def exit_code_of(error: RunnerError) -> int:
     return error.code if isinstance(error, InterruptedRun) else error.exit_code
 
 
-def _run(
+async def _run(
     flow: Flow,
     inputs: Mapping[str, Any] | None,
     output_dir: str,
@@ -337,14 +427,14 @@ def _run(
     started_at: datetime,
     holder: dict[str, Any],
     handle_signals: bool,
+    progress: TextIO | None,
     transport: TransportFactory,
     clock: Clock,
     rng: random.Random | None,
-    new_loop: Callable[[], asyncio.AbstractEventLoop] | None,
 ) -> int:
+    run_started = clock.monotonic()
     values = prepare_inputs(flow, inputs)
     flow = choose_auth(flow, values, environ)
-    new_loop = new_loop or loop_factory(environ)
     secrets = Secrets(environ, redactor)
     secrets.resolve(flow.secrets)
     outputs = make_outputs(
@@ -387,8 +477,7 @@ def _run(
         check_services_before_run(flow, run)
         outputs.open()
         try:
-            with asyncio.Runner(loop_factory=new_loop) as loop_runner:
-                loop_runner.run(_drive(run, timeout, handle_signals))
+            await _drive(run, timeout, handle_signals, progress)
         except BaseException:
             outputs.abort()
             raise
@@ -402,12 +491,18 @@ def _run(
         outputs.commit(cursors, frozenset(run.cut_short_streams))
         total = sum(outputs.counts.values())
         log.info(
-            "run %s succeeded: %d records in %d streams to %s, %d requests",
+            "run %s succeeded: %s in %s to %s, %s",
             run_id,
-            total,
-            len(outputs.counts),
+            plural(total, "record"),
+            plural(len(outputs.counts), "stream"),
             outputs.describe(),
-            run.stats.requests,
+            plural(run.stats.requests, "request"),
+            extra={
+                "records": total,
+                "streams": dict(outputs.counts),
+                "requests": run.stats.requests,
+                "duration_ms": round((clock.monotonic() - run_started) * 1000),
+            },
         )
         return EXIT_OK
     finally:
@@ -444,8 +539,14 @@ def loop_factory(environ: Mapping[str, str]) -> Callable[[], asyncio.AbstractEve
     return factory
 
 
-async def _drive(run: FlowRun, timeout: float | None, handle_signals: bool) -> None:
-    """Run the engine, turning SIGINT/SIGTERM and --timeout into the project's errors."""
+_event_loop_for = loop_factory  # for run_flow, whose parameter of that name hides it
+
+
+async def _drive(
+    run: FlowRun, timeout: float | None, handle_signals: bool, progress: TextIO | None
+) -> None:
+    """Run the engine, turning SIGINT/SIGTERM and --timeout into the project's errors; the
+    progress line, if asked for, is drawn meanwhile."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -460,6 +561,13 @@ async def _drive(run: FlowRun, timeout: float | None, handle_signals: bool) -> N
     if handle_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
+    drawing = (
+        asyncio.create_task(
+            Progress(progress, run.stats, run.outputs.counts, run.clock.monotonic).run()
+        )
+        if progress is not None
+        else None
+    )
     try:
         try:
             async with clocks.deadline(run.clock, timeout):
@@ -473,6 +581,10 @@ async def _drive(run: FlowRun, timeout: float | None, handle_signals: bool) -> N
                 raise InterruptedRun(received[0]) from exc
             raise
     finally:
+        if drawing is not None:
+            drawing.cancel()
+            with contextlib.suppress(BaseException):
+                await drawing
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(run.close(), 3)
         if handle_signals:
@@ -517,6 +629,7 @@ def _summary(
         "status_counts": dict(run.stats.status_counts) if run else {},
         "records": dict(run.outputs.counts) if run else {},
         "skipped": {k: v.skipped for k, v in run.reports.items() if v.skipped} if run else {},
+        "stopped": {k: v.stopped for k, v in run.reports.items() if v.stopped} if run else {},
         "warnings": list(run.warnings) if run else [],
         "error": error_data,
     }
@@ -525,4 +638,4 @@ def _summary(
     return redacted
 
 
-__all__ = ["RunResult", "load_flow", "run_flow"]
+__all__ = ["RunResult", "load_flow", "run_flow", "run_flow_async"]

@@ -49,7 +49,6 @@ class Sender:
         self.rng = rng
         self.clients: dict[str, ServiceClient] = {}
         self.auths: dict[tuple[str, str], ServiceAuth] = {}
-        self.debug = log.isEnabledFor(logging.DEBUG)  # a line per request
         # Some service or step has auth: requests look for an authorizer.
         self.uses_auth = any(s.auth is not None for s in flow.services.values()) or any(
             not isinstance(step.auth, str) for step in flow.all_steps()
@@ -184,15 +183,7 @@ class Sender:
         finally:
             if self.auths:
                 self._refresh_auth_scope()
-        if self.debug:  # redacting costs a regex pass per request
-            log.debug(
-                "%s %s -> %s (attempt %d)",
-                request.method,
-                self.redactor.redact(response.url),
-                response.status,
-                response.attempts,
-            )
-        return response
+        return response  # -v logs each attempt in the client
 
     def _refresh_auth_scope(self) -> None:
         for (service, step_id), auth in self.auths.items():

@@ -427,7 +427,7 @@ XXE_PARAMETER = b"""<?xml version="1.0"?>
 EXTERNAL_DTD = b"""<?xml version="1.0"?>
 <!DOCTYPE r SYSTEM "http://127.0.0.1:9/r.dtd"><r>x</r>"""
 
-PLAIN_DOCTYPE = b"<!DOCTYPE html><html><body>hi</body></html>"
+PLAIN_DOCTYPE = b"<!DOCTYPE r><r>hi</r>"
 
 
 @pytest.mark.parametrize(
@@ -443,6 +443,24 @@ def test_xml_with_a_dtd_or_entities_is_refused(body: bytes) -> None:
     )
     assert error.kind == "decode"
     assert time.perf_counter() - started < 1.0  # refused before any expansion
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<!DOCTYPE html><html><body>hi</body></html>", "application/xml"),
+        (b"\n  <!-- login --><!doctype HTML>\n<html><p>Sign in<br></html>", None),
+        (b"<html><body><p>Not found<br></body></html>", "application/xml"),
+        (b"<p>Maintenance<br>back soon</p>", "text/html; charset=utf-8"),
+    ],
+    ids=["doctype", "comment-then-doctype", "no-doctype", "by-content-type"],
+)
+def test_html_forced_to_xml_is_said_to_be_html(body: bytes, content_type: str | None) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode(body, content_type, format="xml")
+    where = f"Content-Type {content_type}" if content_type else "no Content-Type"
+    assert caught.value.message == f"response is HTML, not XML ({where})"
+    assert caught.value.body is not None and "<" in caught.value.body
 
 
 def test_xml_refusal_holds_in_keep_mode_and_under_a_charset() -> None:

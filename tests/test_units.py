@@ -29,6 +29,7 @@ def test_public_surface_is_pinned() -> None:
             "__version__",
             "load_flow",
             "run_flow",
+            "run_flow_async",
         ]
     )
     for name in runner.__all__:

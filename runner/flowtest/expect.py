@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from runner.words import plural
+
 _ABSENT = object()
 SHOWN_CHARS = 300
 
@@ -85,7 +87,9 @@ def record_differences(stream: str, expected: list[Any], actual: list[Any]) -> l
             out.append(f"{head}: expected {show(want)}, got {show(got)}")
         break
     if len(expected) != len(actual):
-        out.append(f"outputs.{stream}: expected {len(expected)} records, got {len(actual)}")
+        out.append(
+            f"outputs.{stream}: expected {plural(len(expected), 'record')}, got {len(actual)}"
+        )
         if not out[:-1]:
             shorter = min(len(expected), len(actual))
             extra = (actual if len(actual) > len(expected) else expected)[shorter]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.etree import ElementTree
 
+from runner.words import plural
+
 PASS, FAIL, ERROR = "pass", "fail", "error"
 
 
@@ -53,7 +55,7 @@ def text_report(results: list[CaseResult]) -> str:
     passed, failed, errors = counts(results)
     tail = f"{passed} passed, {failed} failed"
     if errors:
-        tail += f", {errors} errors"
+        tail += f", {plural(errors, 'error')}"
     lines.append(tail)
     return "\n".join(lines)
 
@@ -82,7 +84,8 @@ def github_report(results: list[CaseResult]) -> str:
             f"::error file={_escape_property(r.file)},line={r.line}::{_escape_data(message)}"
         )
     passed, failed, errors = counts(results)
-    lines.append(f"{passed} passed, {failed} failed" + (f", {errors} errors" if errors else ""))
+    errors_part = f", {plural(errors, 'error')}" if errors else ""
+    lines.append(f"{passed} passed, {failed} failed{errors_part}")
     return "\n".join(lines)
 
 
