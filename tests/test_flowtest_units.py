@@ -177,7 +177,7 @@ def test_records_report_the_first_difference_field_by_field() -> None:
         "outputs.c: expected 2 records, got 1",
     ]
     assert record_differences("c", [{"id": 1}], [{"id": 1}, {"id": 2}]) == [
-        "outputs.c: expected 1 records, got 2",
+        "outputs.c: expected 1 record, got 2",
         'outputs.c[1]: first extra record {"id": 2}',
     ]
 
