@@ -358,7 +358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except RunnerError as exc:
-        sys.stderr.write(f"runner: {redact(str(exc))}\n")
+        text = redact(str(exc))
+        if getattr(args, "log_format", None) == "json":
+            # Found before the run started (the flow, the inputs): still one JSON line.
+            from .logs import error_fields
+
+            log.error("%s", text, extra=error_fields(exc, text))
+        else:
+            sys.stderr.write(f"runner: {text}\n")
         return exc.code if isinstance(exc, InterruptedRun) else exc.exit_code
     except KeyboardInterrupt:
         return EXIT_SIGINT

@@ -346,3 +346,20 @@ steps:
         "/token": [default],
         "/oauth": [default],
     }
+
+
+def test_a_problem_found_before_the_run_is_a_json_line_too(cli: Cli, write_flow: WriteFlow) -> None:
+    write_flow(
+        """\
+version: 1
+name: bad
+inputs: {type: object, properties: {n: {type: integer}}}
+steps:
+  - {id: a, request: {url: "http://127.0.0.1:1/x"}}
+"""
+    )
+    result = cli("run", "flow.yaml", "--input", "n=many", "--log-format", "json")
+    assert result.code == 2
+    (line,) = _json_lines(result.stderr)
+    assert line["level"] == "error" and line["error"] == "usage"
+    assert "--input n: cannot read 'many' as integer" in line["message"]
