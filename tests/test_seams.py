@@ -19,6 +19,7 @@ from runner.auth import ServiceAuth
 from runner.clock import SYSTEM_CLOCK, Clock, SystemClock, current, deadline, using
 from runner.errors import DecodeError
 from runner.http import (
+    USER_AGENT,
     PreparedRequest,
     RateLimit,
     Response,
@@ -207,8 +208,15 @@ async def test_redirect_hops_are_each_a_send_and_credentials_stay_on_their_origi
     )
     assert response.status == 200
     first, second = (request for _, request in factory.sent)
-    assert (first.url, first.headers) == ("https://api.example/a", {"Authorization": "Bearer t"})
-    assert (second.url, second.headers) == ("https://other.example/b?x=1", {})
+    # Every hop says who sent it; the credentials stay on their origin.
+    assert (first.url, first.headers) == (
+        "https://api.example/a",
+        {"Authorization": "Bearer t", "User-Agent": USER_AGENT},
+    )
+    assert (second.url, second.headers) == (
+        "https://other.example/b?x=1",
+        {"User-Agent": USER_AGENT},
+    )
     assert c.stats.requests == 2
 
 
