@@ -139,7 +139,7 @@ def test_caret_sits_under_the_error() -> None:
         ("nope(a)", "JMESPath: unknown function nope() in 'nope(a)'"),
         ("upper(a, b)", "JMESPath: upper() takes 1 argument, got 2: upper(a, b)"),
         ("a[?split(b)]", "split() takes 2 arguments, got 1"),
-        ("merge()", "merge() takes at least 1 arguments, got 0"),
+        ("merge()", "merge() takes at least 1 argument, got 0"),
     ],
 )
 def test_unknown_functions_and_arity_fail_at_compile(source: str, message: str) -> None:

@@ -281,7 +281,7 @@ def test_junit_counts_per_file() -> None:
 def test_text_and_github_reports() -> None:
     text = text_report(_results())
     assert text.splitlines()[0] == "PASS one (t/a.test.yaml:4)"
-    assert text.splitlines()[-1] == "1 passed, 1 failed, 1 errors"
+    assert text.splitlines()[-1] == "1 passed, 1 failed, 1 error"
     github = github_report(_results()).splitlines()
     assert github[0] == "::error file=t/a.test.yaml,line=9::two: exit_code: expected 0, got 1"
 
