@@ -206,9 +206,20 @@ class _StepInfo:
     siblings: tuple[str, ...]  # ids of the sequence it is in (goto targets)
     in_item: bool  # inside a for_each (the step itself or an enclosing block)
     plain_for_each: bool  # a for_each step without a block
+    # The parallel blocks it is inside, each as (the block's id, the index of its child that
+    # holds this step): two steps in different children of one block run at the same time.
+    lanes: tuple[tuple[str, int], ...] = ()
+    parallel_child: bool = False  # a direct child of a parallel block
 
 
-def _walk_steps(steps: Any, path: Path, in_item: bool, out: dict[Path, _StepInfo]) -> None:
+def _walk_steps(
+    steps: Any,
+    path: Path,
+    in_item: bool,
+    out: dict[Path, _StepInfo],
+    lanes: tuple[tuple[str, int], ...] = (),
+    parallel: str | None = None,
+) -> None:
     if not isinstance(steps, list):
         return
     siblings = tuple(_id(s) for s in steps if isinstance(s, dict))
@@ -217,6 +228,7 @@ def _walk_steps(steps: Any, path: Path, in_item: bool, out: dict[Path, _StepInfo
             continue
         spath = (*path, i)
         is_for_each = "for_each" in step
+        own_lanes = (*lanes, (parallel, i)) if parallel is not None else lanes
         out[spath] = _StepInfo(
             id=_id(step),
             path=spath,
@@ -224,8 +236,15 @@ def _walk_steps(steps: Any, path: Path, in_item: bool, out: dict[Path, _StepInfo
             siblings=siblings,
             in_item=in_item or is_for_each,
             plain_for_each=is_for_each and "steps" not in step,
+            lanes=own_lanes,
+            parallel_child=parallel is not None,
         )
-        _walk_steps(step.get("steps"), (*spath, "steps"), True, out)
+        if step.get("parallel") is True and not is_for_each:
+            _walk_steps(
+                step.get("steps"), (*spath, "steps"), in_item, out, own_lanes, _id(step) or "?"
+            )
+        else:
+            _walk_steps(step.get("steps"), (*spath, "steps"), True, out, own_lanes)
 
 
 def _id(step: dict[str, Any]) -> str:
@@ -291,6 +310,7 @@ class _Compiler:
         self.emitted: set[str] = set()
         self.infos: dict[Path, _StepInfo] = {}
         self.order: dict[str, int] = {}
+        self.lanes: dict[str, tuple[tuple[str, int], ...]] = {}
         self.step: _StepInfo | None = None  # the step being compiled, for the scope checks
 
     # -- problems -----------------------------------------------------------------------
@@ -366,6 +386,23 @@ class _Compiler:
                     path,
                     f"steps.{ref} refers to {which}: it has no value when step '{step.id}' runs",
                 )
+            elif step is not None and (block := self._other_lane(step, ref)) is not None:
+                self.at_value(
+                    path,
+                    f"steps.{ref} is in another branch of the parallel block '{block}': "
+                    "they run at the same time, so it has no value yet",
+                )
+
+    def _other_lane(self, step: _StepInfo, ref: str) -> str | None:
+        """The parallel block in which `ref` runs beside `step` (not before it), if any."""
+        other = self.lanes.get(ref)
+        if not other or not step.lanes:
+            return None
+        mine = dict(step.lanes)
+        for block, index in other:
+            if block in mine and mine[block] != index:
+                return block
+        return None
 
     def template(
         self, path: Path, source: Any, mode: Mode = "value", *, record: bool = False
@@ -443,6 +480,8 @@ class _Compiler:
                 )
             else:
                 self.order[info.id] = info.order
+                self.lanes[info.id] = info.lanes
+        self._check_parallel_streams(data)
         services = {
             name: spec
             for name, raw in _mapping(data.get("services")).items()
@@ -476,6 +515,33 @@ class _Compiler:
             secrets=frozenset(self.secrets),
             document=doc,
         )
+
+    def _check_parallel_streams(self, data: dict[str, Any]) -> None:
+        """Two branches of one parallel block may not emit to one stream: its records would
+        interleave, in no order."""
+        first: dict[tuple[str, str], tuple[int, str]] = {}
+        for info in self.infos.values():
+            if not info.lanes:
+                continue
+            step: Any = data
+            for part in info.path:
+                step = step[part]
+            emits: list[tuple[Path, Any]] = [((*info.path, "emit"), step.get("emit"))]
+            for i, rule in enumerate(_list(step.get("on_status"))):
+                if isinstance(rule, dict):
+                    emits.append(((*info.path, "on_status", i, "emit"), rule.get("emit")))
+            for where, stream in emits:
+                if not isinstance(stream, str):
+                    continue
+                for block, index in info.lanes:
+                    seen = first.setdefault((block, stream), (index, info.id))
+                    if seen[0] != index:
+                        self.at_key(
+                            where,
+                            f"stream '{stream}' is also emitted by step '{seen[1]}', in another "
+                            f"branch of the parallel block '{block}': each branch writes its "
+                            "own streams",
+                        )
 
     # -- services -----------------------------------------------------------------------
 
@@ -662,6 +728,8 @@ class _Compiler:
         sets = self._sets((*path, "set"), data.get("set"))
         response = self._response((*path, "response"), data.get("response"))
 
+        parallel = data.get("parallel") is True and for_each is None
+
         def read() -> StepSpec:
             service = services.get(request.service) if request and request.service else None
             base_retry = service.retry if service is not None else RetryPolicy()
@@ -672,7 +740,8 @@ class _Compiler:
                 request=request,
                 when=when,
                 for_each=for_each,
-                concurrency=int(data.get("concurrency", 1)),
+                parallel=parallel,
+                concurrency=int(data.get("concurrency", max(1, len(inner)) if parallel else 1)),
                 max_items=data.get("max_items"),
                 max_visits=int(data.get("max_visits", DEFAULT_MAX_VISITS)),
                 steps=inner,
@@ -815,6 +884,12 @@ class _Compiler:
                 self.at_key(
                     (*path, "goto"),
                     "goto is not allowed in a for_each step; use a block (for_each + steps)",
+                )
+            elif step.parallel_child and target != step.id:
+                self.at_key(
+                    (*path, "goto"),
+                    "goto between the steps of a parallel block is not allowed: they run at "
+                    "the same time",
                 )
             elif target not in step.siblings:
                 known = [s for s in step.siblings if s]

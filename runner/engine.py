@@ -204,6 +204,9 @@ class FlowRun:
         if step.for_each is not None:
             await self.run_for_each(step, ctx)
             return NEXT
+        if step.parallel:
+            await self.run_parallel(step, ctx)
+            return NEXT
         return await self.run_request_step(step, ctx)
 
     def _counts(self, step: StepSpec) -> tuple[int, int]:
@@ -222,6 +225,42 @@ class FlowRun:
             duration_ms / 1000,
             extra={"records": records, "duration_ms": duration_ms},
         )  # fmt: skip
+
+    # -- parallel blocks ----------------------------------------------------------------
+
+    async def run_parallel(self, step: StepSpec, ctx: Context) -> None:
+        """The block's steps at the same time, at most `concurrency` at once. Each writes its
+        own streams and `steps.<id>` (validate sees to it), so its records keep their order
+        without buffering. The first failure cancels the others at once, before any of them
+        sends another request, and is the block's failure; `end` ends its own branch."""
+        limit = asyncio.Semaphore(step.concurrency)
+        failures: list[BaseException] = []
+        tasks: list[asyncio.Task[str]] = []
+
+        async def branch(child: StepSpec) -> str:
+            async with limit:
+                try:
+                    return await self.run_sequence((child,), ctx)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    if not failures:
+                        failures.append(exc)
+                        # Synchronously, before this task yields: no sibling runs again.
+                        current = asyncio.current_task()
+                        for task in tasks:
+                            if task is not current:
+                                task.cancel()
+                    raise
+
+        tasks.extend(asyncio.create_task(branch(child)) for child in step.steps)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+        if failures:
+            raise failures[0]
 
     # -- for_each -----------------------------------------------------------------------
 

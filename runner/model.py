@@ -146,6 +146,7 @@ class StepSpec:
     request: RequestSpec | None = None
     when: Expression | None = None
     for_each: Expression | None = None
+    parallel: bool = False  # `steps` run at the same time, at most `concurrency` at once
     concurrency: int = 1
     max_items: int | None = None
     max_visits: int = DEFAULT_MAX_VISITS
