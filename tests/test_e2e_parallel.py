@@ -233,7 +233,7 @@ steps:
         "flow.yaml:16:9: steps[0].steps[1].emit: stream 'rows' is also emitted by step 'a'" in out
     )
     assert "steps[1].for_each: a parallel block runs its steps once" in out
-    assert "flow.yaml:22:5: steps[2]: 'steps' go with 'for_each'" in out
+    assert "flow.yaml:22:5: steps[2]: missing required key 'for_each' (needed by 'steps')" in out
 
 
 def test_example_flows_with_include_defaults_use_and_parallel(cli: Cli, tmp_path: Path) -> None:
