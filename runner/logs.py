@@ -64,9 +64,13 @@ def run_context(run_id: str, flow: str) -> Iterator[_Run]:
     yielded object once the flow is loaded)."""
     run = _Run(run_id, flow)
     token = _RUN.set(run)
+    # The step, too, is this run's: a run awaited in a host's task leaves the task's own
+    # context as it found it.
+    step_token = _STEP.set(None)
     try:
         yield run
     finally:
+        _STEP.reset(step_token)
         _RUN.reset(token)
 
 

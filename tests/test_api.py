@@ -72,6 +72,12 @@ async def test_run_flow_async_runs_in_the_callers_loop(
     assert result.summary["records"] == {"rows": 2}
     assert read_jsonl(tmp_path / "out" / "rows.jsonl") == [{"id": 1}, {"id": 2}]
     assert json.loads((tmp_path / "s.json").read_text()) == result.summary
+    # The run was awaited in this very task: its context is left as it was, so a later
+    # record of the logger names no run or step.
+    after = logging.LogRecord("runner", logging.INFO, __file__, 1, "after", None, None)
+    for flt in logging.getLogger("runner").filters:
+        flt.filter(after)
+    assert not hasattr(after, "run_id") and not hasattr(after, "step")
 
     failed = await runner.run_flow_async(
         runner.load_flow(flow_file),
