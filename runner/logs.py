@@ -83,6 +83,11 @@ def enter_step(step: str, item_index: int | None = None) -> None:
         run.latest_step = step
 
 
+def leave_step() -> None:
+    """Records logged from here on, in this task, name no step (the run's closing lines)."""
+    _STEP.set(None)
+
+
 def current_run_step() -> str | None:
     """The step the current run started last (in whichever task)."""
     run = _RUN.get()

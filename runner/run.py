@@ -479,8 +479,10 @@ async def _run(
         try:
             await _drive(run, timeout, handle_signals, progress)
         except BaseException:
+            logs.leave_step()
             outputs.abort()
             raise
+        logs.leave_step()  # the lines below are the run's, not its last step's
         # Cursors first: a cursor that cannot be compared fails the run before anything is
         # published. Then the destination commits the records and the new state together.
         old = {name: v["cursor"] for name, v in state_scope.items()}

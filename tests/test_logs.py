@@ -123,6 +123,7 @@ def test_json_logs_carry_the_fields_one_object_a_line(
     assert done["pages"]["records"] == 2 and "3 responses" in done["pages"]["message"]
     closing = lines[-1]
     assert "succeeded: 4 records in 2 streams" in closing["message"]
+    assert "step" not in closing  # the run's line, not its last step's
     assert closing["records"] == 4
     assert closing["streams"] == {"users": 2, "rows": 2}
     assert closing["requests"] == 7
