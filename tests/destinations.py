@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ class ItemsApi:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     delay: float = 0.0
+    # While set, a page waits (the test holds a run in the middle of its requests).
+    hold: threading.Event = field(default_factory=threading.Event)
 
     def app(self) -> web.Application:
         import asyncio
@@ -80,6 +83,8 @@ class ItemsApi:
             pages = max(1, -(-len(chosen) // size))
             if self.delay:
                 await asyncio.sleep(self.delay)
+            while self.hold.is_set():
+                await asyncio.sleep(0.02)
             data = chosen[(page - 1) * size : page * size]
             return web.json_response({"data": data, "total_pages": pages})
 
@@ -159,7 +164,8 @@ class PostgresDatabase(Database):
     def __init__(self, url: str, schema: str = "public") -> None:
         self.base_url = url
         self.schema = schema
-        self.url = url if schema == "public" else f"{url}?schema={schema}"
+        joiner = "&" if "?" in url else "?"
+        self.url = url if schema == "public" else f"{url}{joiner}schema={schema}"
 
     def _query(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         import psycopg

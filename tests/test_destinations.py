@@ -4,7 +4,12 @@ PostgreSQL (started by the tests), and the tests read the tables back."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,13 +18,14 @@ from tests.conftest import Cli, Serve, WriteFlow, summary_of
 from tests.destinations import (
     Database,
     ItemsApi,
+    PostgresDatabase,
     SqliteDatabase,
     flow_text,
     item,
 )
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     if request.param == "sqlite":
         yield SqliteDatabase(tmp_path / "dest.db")
@@ -273,3 +279,157 @@ def test_a_second_run_of_the_flow_exits_75(
     finally:
         os.close(fd)
     assert run(cli, db, url)[0] == 0
+
+
+def _start(tmp_path: Path, db: Database, url: str, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    env["API"] = url
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", "run", "flow.yaml", "--sink", db.url, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_two_concurrent_runs_of_a_flow_one_exits_75(
+    cli: Cli, write_flow: WriteFlow, db: Database, serve: Serve, tmp_path: Path
+) -> None:
+    items = ItemsApi([item(i) for i in range(1, 10)])
+    server = serve(items.app())
+    write_flow(flow_text())
+    items.hold.set()
+    first = _start(tmp_path, db, server.url)
+    try:
+        _wait_for(lambda: len(server.requests) >= 1)
+        code, err = run(cli, db, server.url)
+    finally:
+        items.hold.clear()
+    assert code == 75, err
+    assert "another run of flow 'items-flow'" in err
+    assert len(server.requests) == 1  # the second run sent nothing
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert [r["id"] for r in db.data()] == list(range(1, 10))
+
+
+def test_replace_is_atomic_for_a_concurrent_reader(
+    cli: Cli, write_flow: WriteFlow, db: Database, api: tuple[ItemsApi, str]
+) -> None:
+    items, url = api
+    n = 3000
+    write_flow(flow_text(write="replace", primary_key=False, page_size=500))
+    items.records = [item(i, updated=1) for i in range(n)]
+    assert run(cli, db, url)[0] == 0
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            rows = db.rows("items", order="id")
+            seen.append((len(rows), len({r["_runner_run_id"] for r in rows})))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for round_ in range(2, 5):
+            items.records = [item(i, updated=round_) for i in range(n)]
+            code, err = run(cli, db, url)
+            assert code == 0, err
+    finally:
+        stop.set()
+        reader.join()
+    assert len(seen) > 3
+    assert all(snapshot == (n, 1) for snapshot in seen), set(seen)
+
+
+# -- PostgreSQL: opening, errors after open, the schema and the password --------------------
+
+
+def test_postgres_opening_errors(
+    cli: Cli, write_flow: WriteFlow, postgres_url: str, api: tuple[ItemsApi, str]
+) -> None:
+    from tests.conftest import free_port, postgres_url_for
+
+    items, url = api
+    items.records = [item(1)]
+    write_flow(flow_text())
+    cases = [
+        (f"postgresql://u:hunter2secret@127.0.0.1:{free_port()}/db", 69),
+        (postgres_url_for(postgres_url, "no_such_database"), 2),
+        (postgres_url.replace("postgres:", "nobody_here:", 1), 2),
+        ("postgresql://u@h/db?nonsense_option=1", 2),
+        ("postgresql://u:hunter2secret@h:port/db", 2),
+    ]
+    for sink, expected in cases:
+        result = cli("run", "flow.yaml", "--sink", sink, "--summary", "s.json", env={"API": url})
+        assert result.code == expected, (sink, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert "hunter2secret" not in result.stderr
+
+
+def test_postgres_schema_and_password_from_secrets_dir(
+    cli: Cli, write_flow: WriteFlow, postgres_url: str, api: tuple[ItemsApi, str], tmp_path: Path
+) -> None:
+    from tests.destinations import PostgresDatabase
+
+    items, url = api
+    items.records = [item(1), item(2)]
+    write_flow(flow_text())
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "PGPASSWORD").write_text("not-needed-but-secret\n")
+    db = PostgresDatabase(postgres_url, schema="raw")
+    result = cli(
+        "run",
+        "flow.yaml",
+        "--sink",
+        db.url,
+        env={"API": url, "RUNNER_SECRETS_DIR": str(secrets)},
+    )
+    assert result.code == 0, result.stderr
+    assert [r["id"] for r in db.data()] == [1, 2]
+    assert db.state() == {"items": 2}
+    assert "_runner_state" in db.tables()
+    assert "_runner_state" not in PostgresDatabase(postgres_url).tables()
+
+
+def test_postgres_connection_lost_during_the_run_exits_69(
+    cli: Cli, write_flow: WriteFlow, postgres_db: Database, serve: Serve, tmp_path: Path
+) -> None:
+    import psycopg
+
+    db = postgres_db
+    items = ItemsApi([item(i) for i in range(1, 10)])
+    server = serve(items.app())
+    write_flow(flow_text())
+    assert run(cli, db, server.url)[0] == 0
+    before, state = db.rows("items"), db.state()
+    items.records = [item(i, updated=20 + i) for i in range(1, 10)]
+    items.hold.set()
+    sent = len(server.requests)
+    proc = _start(tmp_path, db, server.url, "--summary", "s.json")
+    try:
+        _wait_for(lambda: len(server.requests) > sent)
+        assert isinstance(db, PostgresDatabase)
+        with psycopg.connect(db.base_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+    finally:
+        items.hold.clear()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 69, err
+    error = summary_of(tmp_path)["error"]
+    assert error["kind"] == "destination"
+    assert db.rows("items") == before and db.state() == state

@@ -13,7 +13,6 @@ from urllib.parse import unquote, urlsplit
 
 from runner.errors import UsageError
 from runner.redact import Redactor
-from runner.secrets import read_secret
 
 from .base import Outputs
 from .files import FileOutputs, StdoutOutputs
@@ -39,6 +38,8 @@ class Sink:
 
 def parse_sink(url: str, environ: Mapping[str, str], redactor: Redactor) -> Sink:
     """Check a sink URL without connecting; the password joins the redactor."""
+    if url == "singer":
+        return Sink("singer", url)
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise UsageError(
@@ -58,12 +59,13 @@ def parse_sink(url: str, environ: Mapping[str, str], redactor: Redactor) -> Sink
         if not path or path.endswith("/"):
             raise UsageError(f"--sink {url!r}: no database file in the URL")
         return Sink("sqlite", url, path=path)
-    raise UsageError(f"--sink {url!r}: unknown scheme {scheme!r}; expected sqlite")
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import parse_postgres_url
 
-
-def sink_password(environ: Mapping[str, str]) -> str | None:
-    """`PGPASSWORD` from the environment, else the file PGPASSWORD in RUNNER_SECRETS_DIR."""
-    return read_secret("PGPASSWORD", environ)
+        return parse_postgres_url(url, environ, redactor)
+    raise UsageError(
+        f"--sink {url!r}: unknown scheme {scheme!r}; expected one of sqlite, postgresql, singer"
+    )
 
 
 def check_sink(
@@ -106,6 +108,14 @@ def make_outputs(
             return StdoutOutputs(streams, out, state=store)
         return FileOutputs(output_dir, run_id, streams, emitted, started_at, state=store)
     parsed = check_sink(sink, output, state_path, environ, redactor)
-    from .sqlite import SqliteOutputs
+    if parsed.kind == "singer":
+        from .singer import SingerOutputs
 
-    return SqliteOutputs(parsed.path, streams, emitted, flow=flow, run_id=run_id)
+        return SingerOutputs(streams, emitted, out, state=store)
+    if parsed.kind == "sqlite":
+        from .sqlite import SqliteOutputs
+
+        return SqliteOutputs(parsed.path, streams, emitted, flow=flow, run_id=run_id)
+    from .postgres import PostgresOutputs
+
+    return PostgresOutputs(parsed, streams, emitted, environ, flow=flow, run_id=run_id)

@@ -97,6 +97,7 @@ class SqlOutputs(Outputs):
         self._batches: dict[str, list[dict[str, Any]]] = {}
         self.state = DatabaseState(self)
         self._open = False
+        self._stagings = 0
 
     # -- the dialect ------------------------------------------------------------------------
 
@@ -140,9 +141,13 @@ class SqlOutputs(Outputs):
 
     # -- the seam ---------------------------------------------------------------------------
 
+    def staging_of_run(self) -> str:
+        """The start of this run's staging table names: prefix, flow and shard, run id."""
+        return f"{STAGE_PREFIX}{self.key}_{self.run_id.replace('-', '_').lower()}_"
+
     def staging_name(self, stream: str) -> str:
-        index = sorted(self.specs).index(stream) if stream in self.specs else len(self.specs)
-        return f"{STAGE_PREFIX}{self.key}_{self.run_id.replace('-', '_').lower()}_{index}"
+        self._stagings += 1
+        return f"{self.staging_of_run()}{self._stagings}"
 
     def acquire(self) -> None:
         self._guard("open the destination", self.connect)
