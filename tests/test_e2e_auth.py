@@ -436,6 +436,57 @@ def test_refresh_token_rotation_is_saved_at_once_even_when_the_run_fails(
     assert rotated not in result.stderr and newer not in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_refresh_token_rotation_is_saved_in_the_database_sink(
+    serve: Serve,
+    cli: Cli,
+    write_flow: WriteFlow,
+    tmp_path: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    from tests.destinations import Database, SqliteDatabase
+
+    db: Database = (
+        SqliteDatabase(tmp_path / "dest.db")
+        if kind == "sqlite"
+        else request.getfixturevalue("postgres_db")
+    )
+    api = Api()
+    server = serve(api_app(api))
+    auth = (
+        '{type: oauth2_refresh_token, token_url: "{{ env.API }}/oauth/token", client_id: cid, '
+        'client_secret: "{{ secrets.CS }}", refresh_token: "{{ secrets.RT }}"}'
+    )
+    write_flow(
+        ids_flow(auth, 1, 1) + "  - {id: fails, request: {service: api, path: /echo}, "
+        "on_status: [{status: 500, action: fail}]}\n"
+    )
+    env = {"API": server.url, "CS": CLIENT_SECRET, "RT": "rt-0"}
+
+    def saved() -> str:
+        rows = db._query(  # type: ignore[attr-defined]
+            "SELECT value FROM _runner_state WHERE kind = 'auth' AND name = 'api'"
+        )
+        value = rows[0]["value"]
+        token: str = (json.loads(value) if isinstance(value, str) else value)["refresh_token"]
+        return token
+
+    # The run fails after the token rotated: the new token is stored all the same.
+    result = cli("run", "flow.yaml", "--sink", db.url, env=env)
+    assert result.code == 1
+    (rotated,) = api.refresh_tokens
+    assert saved() == rotated
+    assert db.state() == {}
+
+    result = cli("run", "flow.yaml", "--sink", db.url, env=env)
+    assert result.code == 1
+    assert [f["refresh_token"] for f in api.token_forms] == ["rt-0", rotated]
+    (newer,) = api.refresh_tokens
+    assert saved() == newer
+    assert rotated not in result.stderr and newer not in result.stderr
+
+
 # -- session login, cookies, scope `auth` ---------------------------------------------------
 
 
