@@ -36,9 +36,38 @@ PY
     status=1
   fi
 done
+
+# The same records into a database: SQLite, the embedded one (the state lives in it too).
+echo
+DB="$OUT/demo.db"
+printf '%-22s ' "contacts -> SQLite"
+if "$BIN/runner" run flows/contacts.yaml --sink "sqlite:///$DB" 2>"$OUT/contacts.sqlite.log"; then
+  echo "loaded into $DB"
+  QUERY="SELECT id, email, company_id, updated_at FROM contacts ORDER BY id LIMIT 5;"
+  echo "$QUERY"
+  if command -v sqlite3 >/dev/null; then
+    sqlite3 -header -column "$DB" "$QUERY"
+  else
+    "$BIN/python" - "$DB" "$QUERY" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+cursor = db.execute(sys.argv[2])
+names = [d[0] for d in cursor.description]
+rows = [[str(v) for v in row] for row in cursor]
+widths = [max(len(x) for x in col) for col in zip(names, *rows)]
+for row in [names, ["-" * w for w in widths], *rows]:
+    print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+PY
+  fi
+else
+  echo "FAILED (exit $?), see $OUT/contacts.sqlite.log"
+  tail -n 5 "$OUT/contacts.sqlite.log" | sed 's/^/    /'
+  status=1
+fi
+
 echo
 echo "Records are in $OUT/<flow>/<stream>.jsonl, with manifest.json beside them;"
-echo "summaries in $OUT/<flow>.summary.json, logs in $OUT/<flow>.log."
+echo "summaries in $OUT/<flow>.summary.json, logs in $OUT/<flow>.log; the contacts also in $DB."
 echo "Run one flow again incrementally (state in $OUT/contacts.state.json):"
 echo "  DEMO_API_URL=... DEMO_TOKEN=demo-token $BIN/runner run flows/contacts.yaml --state $OUT/contacts.state.json"
 exit $status
