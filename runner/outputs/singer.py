@@ -15,7 +15,7 @@ import sys
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from runner.decode import json_dumps_line
+from runner.codec import json_dumps_line
 from runner.errors import RunError
 
 from .base import Outputs

@@ -130,6 +130,8 @@ class SqliteOutputs(SqlOutputs):
             raise UsageError(f"sqlite:///{self.path}: cannot switch to WAL mode ({mode})")
         db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut too
         db.execute("PRAGMA temp_store=FILE")  # staging on disk: memory stays flat
+        # Staging is thrown away by any failure: it needs no rollback journal.
+        db.execute("PRAGMA temp.journal_mode=OFF")
         db.execute(
             f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
             "flow TEXT NOT NULL, shard TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, "
