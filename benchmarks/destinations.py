@@ -99,8 +99,10 @@ def _runner_outputs(kind: str, target: str) -> Any:
     if kind == "pg":
         from runner.outputs.postgres import PostgresOutputs, parse_postgres_url
 
-        sink = parse_postgres_url(target, os.environ, Redactor())
-        return PostgresOutputs(sink, spec, ["items"], os.environ, flow="bench", run_id=run_id)
+        conninfo, schema = parse_postgres_url(target, os.environ, Redactor())
+        return PostgresOutputs(
+            conninfo, schema, spec, ["items"], os.environ, flow="bench", run_id=run_id
+        )
     from runner.outputs.sqlite import SqliteOutputs
 
     return SqliteOutputs(target, spec, ["items"], flow="bench", run_id=run_id)
@@ -194,7 +196,8 @@ def e2e_cases(
         duck = str(work / f"dlt{round_}.duckdb")
         cases.append(("run: dlt rest_api into duckdb", [str(dlt), peer, base, "duckdb", duck]))
         if "pg" in only and url:
-            target = fresh_database(url, f"dlt_{round_}")
+            # dlt insists on a password; the embedded server trusts local connections.
+            target = fresh_database(url, f"dlt_{round_}").replace(":@", ":bench@", 1)
             cases.append(
                 ("run: dlt rest_api into PostgreSQL", [str(dlt), peer, base, "postgres", target])
             )

@@ -433,3 +433,15 @@ def test_postgres_connection_lost_during_the_run_exits_69(
     error = summary_of(tmp_path)["error"]
     assert error["kind"] == "destination"
     assert db.rows("items") == before and db.state() == state
+
+
+def test_a_dry_run_checks_the_sink_but_never_opens_it(
+    cli: Cli, write_flow: WriteFlow, api: tuple[ItemsApi, str], tmp_path: Path
+) -> None:
+    _, url = api
+    write_flow(flow_text())
+    result = cli("run", "flow.yaml", "--dry-run", "--sink", "sqlite:///dry.db", env={"API": url})
+    assert result.code == 0, result.stderr
+    assert not (tmp_path / "dry.db").exists() and not (tmp_path / "dry.db.lock").exists()
+    result = cli("run", "flow.yaml", "--dry-run", "--sink", "mysql://x/y", env={"API": url})
+    assert result.code == 2 and "unknown scheme" in result.stderr

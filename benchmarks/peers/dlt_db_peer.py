@@ -63,7 +63,10 @@ def main() -> int:
     if kind == "duckdb":
         destination: Any = dlt.destinations.duckdb(target)
     else:
-        destination = dlt.destinations.postgres(target)
+        # dlt insists on a host in the URL; libpq lets `?host=` (the embedded server's
+        # socket folder) override it.
+        credentials = target.replace("@/", "@localhost/", 1)
+        destination = dlt.destinations.postgres(credentials=credentials)
     with tempfile.TemporaryDirectory(prefix="dlt-bench-") as work:
         pipeline = dlt.pipeline(
             pipeline_name="bench",

@@ -19,7 +19,6 @@ from runner.redact import Redactor
 from runner.secrets import read_secret
 
 from .records import StreamSpec
-from .sinks import Sink
 from .sql import STAGE_PREFIX, STATE_TABLE, UNSHARDED, SqlOutputs, write_mode
 from .tables import (
     BOOLEAN,
@@ -73,8 +72,9 @@ def _import_psycopg() -> Any:
     return psycopg
 
 
-def parse_postgres_url(url: str, environ: Mapping[str, str], redactor: Redactor) -> Sink:
-    """Check the URL (psycopg parses it, without connecting); its password is a secret."""
+def parse_postgres_url(url: str, environ: Mapping[str, str], redactor: Redactor) -> tuple[str, str]:
+    """(connection string, schema) of a sink URL, checked by psycopg without connecting;
+    its password is a secret."""
     psycopg = _import_psycopg()
     parts = urlsplit(url)
     try:
@@ -103,7 +103,7 @@ def parse_postgres_url(url: str, environ: Mapping[str, str], redactor: Redactor)
     secret = read_secret("PGPASSWORD", environ)
     if secret:
         redactor.add(secret)
-    return Sink("postgresql", conninfo, schema=schema)
+    return conninfo, schema
 
 
 def _lock_key(*parts: str) -> int:
@@ -116,7 +116,8 @@ class PostgresOutputs(SqlOutputs):
 
     def __init__(
         self,
-        sink: Sink,
+        conninfo: str,
+        schema: str,
         streams: Mapping[str, StreamSpec],
         emitted: Iterable[str],
         environ: Mapping[str, str],
@@ -126,9 +127,9 @@ class PostgresOutputs(SqlOutputs):
         shard: str = UNSHARDED,
     ) -> None:
         super().__init__(streams, emitted, flow=flow, run_id=run_id, shard=shard)
-        self.conninfo = sink.url
-        self.schema = sink.schema
-        self._password = None if urlsplit(sink.url).password else read_secret(
+        self.conninfo = conninfo
+        self.schema = schema
+        self._password = None if urlsplit(conninfo).password else read_secret(
             "PGPASSWORD", environ
         )  # fmt: skip
         self._conn: psycopg.Connection[Any] | None = None

@@ -27,7 +27,7 @@ class Sink:
     """A parsed `--sink` URL: which destination, and where."""
 
     kind: str  # sqlite | postgresql | singer
-    url: str  # as given (the password redacted when shown)
+    url: str  # as given; for PostgreSQL the connection string, without `schema`
     path: str = ""  # sqlite: the database file
     schema: str = "public"  # postgresql: where tables and _runner_state live
 
@@ -62,7 +62,8 @@ def parse_sink(url: str, environ: Mapping[str, str], redactor: Redactor) -> Sink
     if scheme in ("postgresql", "postgres"):
         from .postgres import parse_postgres_url
 
-        return parse_postgres_url(url, environ, redactor)
+        conninfo, schema = parse_postgres_url(url, environ, redactor)
+        return Sink("postgresql", conninfo, schema=schema)
     raise UsageError(
         f"--sink {url!r}: unknown scheme {scheme!r}; expected one of sqlite, postgresql, singer"
     )
@@ -118,4 +119,6 @@ def make_outputs(
         return SqliteOutputs(parsed.path, streams, emitted, flow=flow, run_id=run_id)
     from .postgres import PostgresOutputs
 
-    return PostgresOutputs(parsed, streams, emitted, environ, flow=flow, run_id=run_id)
+    return PostgresOutputs(
+        parsed.url, parsed.schema, streams, emitted, environ, flow=flow, run_id=run_id
+    )

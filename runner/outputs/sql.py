@@ -96,7 +96,6 @@ class SqlOutputs(Outputs):
         self.staged: dict[str, str] = {}  # stream -> staging table of this run
         self._batches: dict[str, list[dict[str, Any]]] = {}
         self.state = DatabaseState(self)
-        self._open = False
         self._stagings = 0
 
     # -- the dialect ------------------------------------------------------------------------
@@ -150,7 +149,11 @@ class SqlOutputs(Outputs):
         return f"{self.staging_of_run()}{self._stagings}"
 
     def acquire(self) -> None:
-        self._guard("open the destination", self.connect)
+        try:
+            self._guard("open the destination", self.connect)
+        except BaseException:
+            self.release()  # what connect() got before failing: the lock, the connection
+            raise
 
     def release(self) -> None:
         try:
@@ -166,7 +169,6 @@ class SqlOutputs(Outputs):
                 )
 
         self._guard("read the destination's tables", read_tables)
-        self._open = True
 
     def _table(self, stream: str) -> Table:
         table = self.tables.get(stream)
