@@ -268,11 +268,10 @@ class PostgresOutputs(SqlOutputs):
         new = table.take_new()
         if staging is None:
             staging = self.staging_name(table.stream)
-            columns = "".join(f", {quote(c.name)} {c.sql_type}" for c in table.columns)
-            conn.execute(
-                f"CREATE UNLOGGED TABLE {self._name(staging)} "
-                f"(_runner_seq BIGINT GENERATED ALWAYS AS IDENTITY{columns})"
-            )
+            # Rows are only ever appended to it, so their physical order (ctid) is the
+            # order they came in: the merge's "last record of a key" needs no counter.
+            columns = ", ".join(f"{quote(c.name)} {c.sql_type}" for c in table.columns)
+            conn.execute(f"CREATE UNLOGGED TABLE {self._name(staging)} ({columns})")
         else:
             for column in new:
                 conn.execute(
@@ -293,7 +292,7 @@ class PostgresOutputs(SqlOutputs):
         conn = self.conn
         with conn.transaction():
             # The merge sorts the staged rows by key: in memory rather than on disk.
-            conn.execute("SET LOCAL work_mem = '64MB'")
+            conn.execute("SET LOCAL work_mem = '256MB'")
             for stream in sorted(self.tables):
                 self._publish_table(self.tables[stream])
             for stream, cursor in sorted(cursors.items()):
@@ -352,13 +351,13 @@ class PostgresOutputs(SqlOutputs):
             conn.execute(
                 f"INSERT INTO {name} ({cols}, {RUN_ID_COLUMN}, {LOADED_AT_COLUMN}) "
                 f"SELECT DISTINCT ON ({keys}) {cols}, %s, now() FROM {source} "
-                f"ORDER BY {keys}, _runner_seq DESC{upsert}",
+                f"ORDER BY {keys}, ctid DESC{upsert}",
                 (self.run_id,),
             )
         else:
             conn.execute(
                 f"INSERT INTO {name} ({cols}, {RUN_ID_COLUMN}, {LOADED_AT_COLUMN}) "
-                f"SELECT {cols}, %s, now() FROM {source} ORDER BY _runner_seq",
+                f"SELECT {cols}, %s, now() FROM {source} ORDER BY ctid",
                 (self.run_id,),
             )
         conn.execute(f"DROP TABLE {source}")
