@@ -312,6 +312,9 @@ class PostgresOutputs(SqlOutputs):
             "SELECT pg_advisory_xact_lock(%s)", (_lock_key("table", self.schema, table.stream),)
         )
         found = self.found_columns(table.stream)
+        if not found and staging is not None:
+            self._create_from_staging(table, name, self._name(staging))
+            return
         if not found:
             defs = [f"{quote(c.name)} {c.sql_type}" for c in table.columns]
             defs += [f"{RUN_ID_COLUMN} TEXT", f"{LOADED_AT_COLUMN} TIMESTAMPTZ"]
@@ -338,20 +341,17 @@ class PostgresOutputs(SqlOutputs):
         source = self._name(staging)
         if mode == "merge":
             # PostgreSQL refuses to update one row twice in a statement: the last row of
-            # each key only, then the record replaces the row (NULL for what it lacks). A
-            # table made by this transaction is empty and unseen: a plain insert, without
-            # the cost of a speculative insertion per row.
+            # each key only, then the record replaces the row (NULL for what it lacks).
             keys = ", ".join(quote(k) for k in table.primary_key)
             sets = ", ".join(
                 f"{quote(c)} = EXCLUDED.{quote(c)}"
                 for c, _ in self.found_columns(table.stream)
                 if c not in table.primary_key
             )
-            upsert = f" ON CONFLICT ({keys}) DO UPDATE SET {sets}" if found else ""
             conn.execute(
                 f"INSERT INTO {name} ({cols}, {RUN_ID_COLUMN}, {LOADED_AT_COLUMN}) "
                 f"SELECT DISTINCT ON ({keys}) {cols}, %s, now() FROM {source} "
-                f"ORDER BY {keys}, ctid DESC{upsert}",
+                f"ORDER BY {keys}, ctid DESC ON CONFLICT ({keys}) DO UPDATE SET {sets}",
                 (self.run_id,),
             )
         else:
@@ -361,6 +361,29 @@ class PostgresOutputs(SqlOutputs):
                 (self.run_id,),
             )
         conn.execute(f"DROP TABLE {source}")
+
+    def _create_from_staging(self, table: Table, name: str, source: str) -> None:
+        """A new table, made from the staging rows in one statement, its primary key built
+        afterwards by one sort: a bulk load, cheaper than inserting row by row into an
+        index. Nobody sees the table before the commit."""
+        from psycopg import sql
+
+        cols = ", ".join(quote(c.name) for c in table.columns)
+        order = "ctid"
+        distinct = ""
+        if table.primary_key and write_mode(table.spec) == "merge":
+            keys = ", ".join(quote(k) for k in table.primary_key)
+            distinct = f"DISTINCT ON ({keys}) "
+            order = f"{keys}, ctid DESC"
+        run_id = sql.Literal(self.run_id).as_string(self.conn)
+        self.conn.execute(
+            f"CREATE TABLE {name} AS SELECT {distinct}{cols}, {run_id}::TEXT AS {RUN_ID_COLUMN}, "
+            f"now() AS {LOADED_AT_COLUMN} FROM {source} ORDER BY {order}"
+        )
+        if table.primary_key:
+            keys = ", ".join(quote(k) for k in table.primary_key)
+            self.conn.execute(f"ALTER TABLE {name} ADD PRIMARY KEY ({keys})")
+        self.conn.execute(f"DROP TABLE {source}")
 
     def translate(self, exc: Exception, action: str) -> RunError | None:
         psycopg = _import_psycopg()
