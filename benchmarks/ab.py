@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/ab.py BEFORE_DIR AFTER_DIR   # ROUNDS=9 ONLY=sequential,fanout
 
-Each checkout's `runner/` runs with this venv's interpreter (PYTHONPATH), compiled first;
+Each checkout's `runner/` runs with this venv's interpreter, through a launcher that puts
+the checkout first on `sys.path` (`python -m` would import the one in the working folder
+whatever PYTHONPATH says), compiled first;
 in every round the two runners and the loop run one after the other, so that a loaded
 machine weighs on all three alike. Prints medians and ratios to the loop (and, for
 `runner validate`, to the first checkout).
@@ -35,36 +37,51 @@ from bench import (  # noqa: E402
 PY = sys.executable
 
 
-def runner_at(label: str, src: str, flow: str, base: str, expected: int) -> Contender:
+LAUNCHER = """import sys
+sys.path.insert(0, {src!r})
+import runner.cli
+assert runner.cli.__file__.startswith({src!r}), runner.cli.__file__
+sys.exit(runner.cli.main())
+"""
+
+
+def launcher(src: str, folder: Path) -> str:
+    path = folder / f"launch-{abs(hash(src))}.py"
+    path.write_text(LAUNCHER.format(src=src), encoding="utf-8")
+    return str(path)
+
+
+def runner_at(label: str, launch: str, flow: str, base: str, expected: int) -> Contender:
     def make(work: Path) -> tuple[list[str], Path | None, Callable[[], int]]:
         out = work / "out"
         flow_path = str(HERE / "flows" / flow)
-        argv = [PY, "-m", "runner.cli", "run", flow_path, "--output-dir", str(out)]
+        argv = [PY, launch, "run", flow_path, "--output-dir", str(out)]
         return argv, None, lambda: count_lines(out / "items.jsonl")
 
-    return Contender(f"runner {label}", make, expected, env={"BENCH_URL": base, "PYTHONPATH": src})
+    return Contender(f"runner {label}", make, expected, env={"BENCH_URL": base})
 
 
-def validate_at(label: str, src: str) -> Contender:
+def validate_at(label: str, launch: str) -> Contender:
     flow = str(HERE / "flows" / "sequential.yaml")
 
     def make(work: Path) -> tuple[list[str], Path | None, Callable[[], int]]:
-        return [PY, "-m", "runner.cli", "validate", flow], None, lambda: 0
+        return [PY, launch, "validate", flow], None, lambda: 0
 
-    return Contender(f"validate {label}", make, 0, env={"PYTHONPATH": src})
+    return Contender(f"validate {label}", make, 0)
 
 
 def main() -> int:
     if len(sys.argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
-    checkouts = {"before": sys.argv[1], "after": sys.argv[2]}
+    sources = {"before": os.path.abspath(sys.argv[1]), "after": os.path.abspath(sys.argv[2])}
     rounds = int(os.environ.get("ROUNDS", "7"))
     only = os.environ.get("ONLY", "sequential,fanout,startup").split(",")
-    for src in checkouts.values():
+    for src in sources.values():
         subprocess.run([PY, "-m", "compileall", "-q", f"{src}/runner"], check=False)
     server = Server()
     work = Path(tempfile.mkdtemp(prefix="runner-ab-"))
+    checkouts = {label: launcher(src, work) for label, src in sources.items()}
     out = []
     try:
         seq_base, fan_base = server.base(50_000), server.base(3_000)
