@@ -37,7 +37,12 @@ from runner.errors import (
     did_you_mean,
     format_path,
 )
-from runner.expressions import Expression, compile_expression, compile_shape
+from runner.expressions import (
+    Expression,
+    compile_expression,
+    compile_shape,
+    template_expression,
+)
 from runner.loader import Document, Path
 from runner.messages import DecodeOptions, RetryPolicy, Timeouts, TlsOptions, is_loopback
 from runner.model import (
@@ -447,17 +452,51 @@ class _Compiler:
                 if compiled is not None:
                     self._check_names(leaf_path, compiled.names, compiled.step_refs, "template")
 
-    def expression(self, path: Path, source: Any, *, on_record: bool = False) -> Expression | None:
+    def expression(
+        self, path: Path, source: Any, *, on_record: bool = False, jinja: str | None = None
+    ) -> Expression | None:
+        """JMESPath; with `jinja` ("condition" or "value"), a string holding `{{` is a Jinja
+        template on the scope (plus `record` on a record) instead; a condition is exactly one
+        `{{ expression }}`."""
         text = self._source(source)
         if text is None:
             return None
+        if jinja is not None and is_template(text):
+            return self._template_expression(path, text, on_record, jinja == "condition")
         compiled: Expression | None = self._compile(path, lambda: compile_expression(text))
         if compiled is not None:
+            if compiled.negated_path is not None:
+                head, _, rest = compiled.negated_path.partition(".")
+                self.at_value(
+                    path,
+                    f"'!{head}.{rest}' parses as '(!{head}).{rest}', which is always null: "
+                    f"write '!({head}.{rest})'",
+                    "warning",
+                )
             self.step_refs.update(compiled.step_refs)
             # On a record (filter, fields), a root name is a key of the record.
             names = frozenset() if on_record else compiled.root_names
             self._check_names(path, names, compiled.step_refs, "expression")
         return compiled
+
+    def _template_expression(
+        self, path: Path, text: str, on_record: bool, condition: bool
+    ) -> Expression | None:
+        template = self.template(path, text, record=on_record)
+        if template is None:
+            return None
+        if condition:
+            from runner.sandbox import is_lone_expression
+
+            if not is_lone_expression(text):
+                self.at_value(
+                    path,
+                    "a Jinja condition is exactly one {{ expression }}, without text around it",
+                )
+                return None
+        return template_expression(
+            text, template.render, names=template.names, step_refs=template.step_refs
+        )
 
     def _note_template(self, text: str, step_refs: frozenset[str]) -> None:
         self.step_refs.update(step_refs)
@@ -708,8 +747,8 @@ class _Compiler:
         if isinstance(emit, str) and emit:
             self.emitted.add(emit)
         inner = self._steps((*path, "steps"), data.get("steps"), services)
-        when = self.expression((*path, "when"), data.get("when"))
-        for_each = self.expression((*path, "for_each"), data.get("for_each"))
+        when = self.expression((*path, "when"), data.get("when"), jinja="condition")
+        for_each = self.expression((*path, "for_each"), data.get("for_each"), jinja="value")
         paginate = self._paginate((*path, "paginate"), data.get("paginate"))
         poll = self._poll((*path, "poll"), data.get("poll"))
         rules = tuple(
@@ -723,7 +762,9 @@ class _Compiler:
             if (spec := self._expect((*path, "expect", i), raw)) is not None
         )
         records = self.expression((*path, "records"), data.get("records"))
-        filter_ = self.expression((*path, "filter"), data.get("filter"), on_record=True)
+        filter_ = self.expression(
+            (*path, "filter"), data.get("filter"), on_record=True, jinja="condition"
+        )
         fields = self._fields((*path, "fields"), data.get("fields"), on_record=True)
         sets = self._sets((*path, "set"), data.get("set"))
         response = self._response((*path, "response"), data.get("response"))
@@ -833,7 +874,9 @@ class _Compiler:
             return None
         data = raw
         found = {
-            key: self.expression((*path, key), data.get(key))
+            key: self.expression(
+                (*path, key), data.get(key), jinja="condition" if key == "stop_when" else None
+            )
             for key in ("total_pages", "total", "cursor", "next_url", "stop_when")
         }
 
@@ -859,8 +902,8 @@ class _Compiler:
         if not isinstance(raw, dict):
             return None
         data = raw
-        until = self.expression((*path, "until"), data.get("until"))
-        fail_when = self.expression((*path, "fail_when"), data.get("fail_when"))
+        until = self.expression((*path, "until"), data.get("until"), jinja="condition")
+        fail_when = self.expression((*path, "fail_when"), data.get("fail_when"), jinja="condition")
         message = self.template((*path, "message"), data.get("message"), "text")
         if until is None:
             return None
@@ -908,7 +951,7 @@ class _Compiler:
             delay = float(raw_delay)
         elif raw_delay is not None:
             delay = self.expression((*path, "delay"), raw_delay)
-        when = self.expression((*path, "when"), data.get("when"))
+        when = self.expression((*path, "when"), data.get("when"), jinja="condition")
         message = self.template((*path, "message"), data.get("message"), "text")
         sets = self._sets((*path, "set"), data.get("set"))
         fields = self._fields((*path, "fields"), data.get("fields"), on_record=False)
@@ -931,7 +974,7 @@ class _Compiler:
     def _expect(self, path: Path, raw: Any) -> ExpectSpec | None:
         if not isinstance(raw, dict):
             return None
-        that = self.expression((*path, "that"), raw.get("that"))
+        that = self.expression((*path, "that"), raw.get("that"), jinja="condition")
         message = self.template((*path, "message"), raw.get("message"), "text")
         return ExpectSpec(that=that, message=message) if that is not None else None
 

@@ -40,6 +40,7 @@ __all__ = [
     "choose_format",
     "decode_body",
     "decode_lenient",
+    "unpack_payload",
 ]
 
 _FORMAT_NAMES = {"json": "JSON", "ndjson": "NDJSON", "csv": "CSV", "xml": "XML", "text": "text"}
@@ -437,6 +438,92 @@ def _format_and_charset(content_type: str | None, fmt: str) -> tuple[str, str | 
     return choose_format(content_type, fmt), _charset(content_type)
 
 
+# ---------------------------------------------------------------------------------------------
+# Compressed payloads (a `.csv.gz` file, `application/gzip`), after Content-Encoding
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_TYPES = frozenset({"application/gzip", "application/x-gzip"})
+_SUFFIX_FORMATS = {
+    ".csv.gz": "csv",
+    ".tsv.gz": "csv",
+    ".json.gz": "json",
+    ".ndjson.gz": "ndjson",
+    ".jsonl.gz": "ndjson",
+    ".xml.gz": "xml",
+}
+
+
+def _url_path(url: str) -> str:
+    # The suffix is the path's, never the query's (`?name=x.gz`).
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).path.lower()
+
+
+def unpack_payload(
+    raw: bytes, content_type: str | None, url: str, options: DecodeOptions
+) -> tuple[bytes, DecodeOptions]:
+    """A gzip payload inflated (bounded by `max_body_bytes`), and the options to decode it by:
+    under `format: auto`, a URL path ending in `.csv.gz`, `.json.gz`, `.ndjson.gz` or
+    `.xml.gz` gives the format. `auto` inflates a body that starts as gzip does and is
+    `application/gzip` or comes from a `.gz` path; a body whose Content-Encoding the transport
+    already undid is not one any more. `gzip` inflates whatever the headers say."""
+    if options.compression == "none":
+        return raw, options
+    path = _url_path(url)
+    if options.compression == "auto":
+        media = _parse_content_type(content_type)[0] if content_type is not None else ""
+        if not (media in _GZIP_TYPES or path.endswith(".gz")):
+            return raw, options
+        if not raw.startswith(_GZIP_MAGIC):
+            return raw, options
+    elif not raw:
+        return raw, options
+    data = _gunzip(raw, options.max_body_bytes)
+    if options.format == "auto":
+        for suffix, fmt in _SUFFIX_FORMATS.items():
+            if path.endswith(suffix):
+                return data, _with_format(options, fmt)
+    return data, options
+
+
+@lru_cache(maxsize=64)
+def _with_format(options: DecodeOptions, fmt: str) -> DecodeOptions:
+    import dataclasses
+
+    return dataclasses.replace(options, format=fmt)
+
+
+def _gunzip(raw: bytes, max_bytes: int) -> bytes:
+    import zlib
+
+    if not raw.startswith(_GZIP_MAGIC):
+        raise DecodeError(
+            "response is not gzip (compression: gzip)", body=body_excerpt(raw, BODY_KEEP_CHARS)
+        )
+    limit = BodyLimit(max_bytes)
+    chunks: list[bytes] = []
+    data = raw
+    try:
+        # A gzip file may hold several members one after another (`cat a.gz b.gz`).
+        while data:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            pending = data
+            while pending and not inflater.eof:
+                out = inflater.decompress(pending, 64 * 1024)
+                limit.add(out)
+                chunks.append(out)
+                pending = inflater.unconsumed_tail
+            if not inflater.eof:
+                raise DecodeError("gzip payload ends before its end marker")
+            data = inflater.unused_data
+            if data and not data.startswith(_GZIP_MAGIC):
+                break  # trailing garbage after the last member, as gzip(1) ignores it
+    except zlib.error as exc:
+        raise DecodeError(f"response is not valid gzip: {exc}") from exc
+    return b"".join(chunks)
+
+
 def decode_body(raw: bytes, content_type: str | None, options: DecodeOptions) -> Any:
     """Decode a body by its format; an empty one (or only whitespace, but for text) is None."""
     if len(raw) > options.max_body_bytes:
@@ -473,7 +560,8 @@ def receive(
     ctype = response.content_type
     if 200 <= response.status < 300:
         try:
-            data = decode_body(raw, ctype, options)
+            raw, unpacked = unpack_payload(raw, ctype, response.url, options)
+            data = decode_body(raw, ctype, unpacked)
         except DecodeError as exc:
             raise exc.in_context(
                 method=method,

@@ -34,7 +34,6 @@ from .context import (
 )
 from .decode import receive
 from .errors import RunError, UnavailableError
-from .expressions import truthy
 from .handle import Handler, message, request_fields, response_scope
 from .http import TransportError, aiohttp_transport
 from .logs import enter_step
@@ -187,7 +186,7 @@ class FlowRun:
     async def run_step(self, step: StepSpec, ctx: Context) -> Outcome:
         enter_step(step.id, ctx.item_index if ctx.in_item else None)
         try:
-            if step.when is not None and not truthy(step.when.search(self.scope(ctx))):
+            if step.when is not None and not step.when.holds(self.scope(ctx)):
                 log.info("step %s: skipped (when is false)", step.id)
                 return NEXT
             if ctx.in_item:  # an inner step of a block: the block's own line counts it
@@ -419,7 +418,7 @@ class FlowRun:
                 "pagination ended"
             )
             return NEXT, page, rscope
-        if step.paginate.stop_when is not None and truthy(step.paginate.stop_when.search(rscope)):
+        if step.paginate.stop_when is not None and step.paginate.stop_when.holds(rscope):
             return NEXT, page, rscope
         return MORE, page, rscope
 
@@ -439,9 +438,9 @@ class FlowRun:
             if step.poll is None:
                 return response, None
             rscope = response_scope(scope, response, request)
-            if truthy(step.poll.until.search(rscope)):
+            if step.poll.until.holds(rscope):
                 return response, None
-            if step.poll.fail_when is not None and truthy(step.poll.fail_when.search(rscope)):
+            if step.poll.fail_when is not None and step.poll.fail_when.holds(rscope):
                 raise RunError(
                     message(
                         self.redactor,

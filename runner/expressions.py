@@ -17,6 +17,7 @@ from jmespath import functions as jfunc
 from jmespath import visitor as jvisitor
 
 from runner.errors import ExpressionError, RenderError
+from runner.timeutil import parse_datetime_text, windows
 from runner.words import plural
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "compile_shape",
     "format_datetime",
     "parse_datetime",
+    "template_expression",
     "to_epoch",
     "truthy",
 ]
@@ -118,8 +120,16 @@ def _unique_key(value: Any) -> Any:
     return ("j", json.dumps(value, sort_keys=True, separators=(",", ":")))
 
 
+def _number(value: Any, name: str) -> float | int:
+    # JMESPath's "number" type admits booleans (a Python int): they are not numbers here.
+    if isinstance(value, bool):
+        raise jexc.JMESPathTypeError(name, value, "boolean", ["number"])
+    return cast("float | int", value)
+
+
 class _Functions(jfunc.Functions):
-    """unique, lower, upper, split, replace, to_epoch, items, from_items."""
+    """unique, lower, upper, split, replace, to_epoch, items, from_items, add, subtract,
+    multiply, divide, windows, parse_datetime."""
 
     @jfunc.signature({"types": ["array"]})
     def _func_unique(self, values: list[Any]) -> list[Any]:
@@ -174,6 +184,42 @@ class _Functions(jfunc.Functions):
             raise ValueError("has_secret() is read only by an auth alternative's when")
         return check(name)
 
+    @jfunc.signature({"types": ["number"]}, {"types": ["number"]})
+    def _func_add(self, left: float, right: float) -> float:
+        return _number(left, "add") + _number(right, "add")
+
+    @jfunc.signature({"types": ["number"]}, {"types": ["number"]})
+    def _func_subtract(self, left: float, right: float) -> float:
+        return _number(left, "subtract") - _number(right, "subtract")
+
+    @jfunc.signature({"types": ["number"]}, {"types": ["number"]})
+    def _func_multiply(self, left: float, right: float) -> float:
+        return _number(left, "multiply") * _number(right, "multiply")
+
+    @jfunc.signature({"types": ["number"]}, {"types": ["number"]})
+    def _func_divide(self, left: float, right: float) -> float:
+        left, right = _number(left, "divide"), _number(right, "divide")
+        if right == 0:
+            # Not a type error: a condition does not turn it into false.
+            raise ValueError(f"divide({left}, {right}): division by zero")
+        quotient = left / right
+        # True division; an exact quotient of integers stays an integer (10 / 2 is 5).
+        if type(left) is int and type(right) is int and left % right == 0:
+            return left // right
+        return quotient
+
+    @jfunc.signature(
+        {"types": ["string", "number", "null"]},
+        {"types": ["string", "number", "null"]},
+        {"types": ["string"]},
+    )
+    def _func_windows(self, start: Any, end: Any, step: str) -> list[dict[str, Any]]:
+        return windows(start, end, step)
+
+    @jfunc.signature({"types": ["string"]}, {"types": ["string"]})
+    def _func_parse_datetime(self, text: str, fmt: str) -> str:
+        return parse_datetime_text(text, fmt)
+
 
 # Whether a secret exists, while an auth alternative's `when` is evaluated (once per run).
 SECRET_PRESENCE: ContextVar[Callable[[str], bool] | None] = ContextVar(
@@ -193,7 +239,17 @@ class Expression:
 
     # `search` is the compiled function itself, not a method wrapping it: one Python call per
     # search, which counts when fields are read from every record.
-    __slots__ = ("getter", "is_plain_path", "root_names", "search", "source", "step_refs")
+    __slots__ = (
+        "getter",
+        "holds",
+        "is_plain_path",
+        "is_template",
+        "negated_path",
+        "root_names",
+        "search",
+        "source",
+        "step_refs",
+    )
 
     source: str
     search: Callable[[Any], Any]
@@ -202,6 +258,14 @@ class Expression:
     step_refs: frozenset[str]
     root_names: frozenset[str]
     is_plain_path: bool
+    # The expression as a condition: JMESPath truthiness, and false where a function meets a
+    # value of the wrong type (`contains(null, 'x')`), instead of a failure.
+    holds: Callable[[Any], bool]
+    # Where `!a.b` is written: it parses as `(!a).b`, always null.
+    negated_path: str | None
+    # A Jinja `{{ ... }}` in a key that takes JMESPath: it reads the scope (and `record`, on a
+    # record), not the data a JMESPath expression would search.
+    is_template: bool
 
     def __init__(
         self,
@@ -212,9 +276,15 @@ class Expression:
         root_names: frozenset[str],
         is_plain_path: bool,
         path: tuple[str | int, ...] | None = None,
+        holds: Callable[[Any], bool] | None = None,
+        negated_path: str | None = None,
+        is_template: bool = False,
     ) -> None:
         self.source = source
         self.search = fn
+        self.holds = holds if holds is not None else (lambda data: truthy(fn(data)))
+        self.negated_path = negated_path
+        self.is_template = is_template
         self.getter = path
         self.step_refs = step_refs
         self.root_names = root_names
@@ -222,6 +292,26 @@ class Expression:
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
+
+
+def template_expression(
+    source: str,
+    render: Callable[[Any], Any],
+    *,
+    names: frozenset[str],
+    step_refs: frozenset[str],
+) -> Expression:
+    """A key that takes JMESPath, written as a Jinja template: evaluated on the scope, judged
+    by JMESPath truthiness as a condition. Its errors are the template's (RenderError)."""
+    return Expression(
+        source,
+        render,
+        step_refs=step_refs,
+        root_names=names,
+        is_plain_path=False,
+        holds=lambda scope: truthy(render(scope)),
+        is_template=True,
+    )
 
 
 def _render_error(source: str, exc: Exception) -> RenderError:
@@ -298,7 +388,38 @@ def _compile_expression(source: str) -> Expression:
         root_names=frozenset(_root_names(parsed)),
         is_plain_path=path is not None,
         path=path,
+        holds=None if path is not None else _null_safe(source, tree),
+        negated_path=_negated_path(parsed),
     )
+
+
+def _null_safe(source: str, tree: Any) -> Callable[[Any], bool]:
+    visit = _INTERPRETER.visit
+
+    def holds(data: Any) -> bool:
+        try:
+            return truthy(visit(tree, data))
+        except jexc.JMESPathTypeError:
+            return False
+        except Exception as exc:
+            raise _render_error(source, exc) from exc
+
+    return holds
+
+
+def _negated_path(parsed: dict[str, Any]) -> str | None:
+    """`!a.b` as the text `a.b` when it is written somewhere in the expression."""
+    for node in _walk(parsed):
+        if node["type"] != "subexpression":
+            continue
+        first, second = node["children"][0], node["children"][1]
+        if first["type"] == "not_expression":
+            inner = _plain_path(first["children"][0])
+            rest = _plain_path(second)
+            if inner is not None and rest is not None and inner and rest:
+                return ".".join(str(part) for part in (*inner, *rest))
+            return "a.b"
+    return None
 
 
 def _syntax_message(source: str, exc: jexc.JMESPathError) -> str:

@@ -11,7 +11,6 @@ from typing import Any
 
 from .context import END, MAP, NEXT, STOP, Context, Goto, Outcome, RunState
 from .errors import BODY_KEEP_CHARS, ExpectError, RunError, UnavailableError, format_path
-from .expressions import truthy
 from .http import TransportError, backoff_delay, retry_after_seconds
 from .mapping import field_value
 from .messages import PreparedRequest, Response
@@ -105,7 +104,7 @@ class Handler:
         for rule in step.on_status:
             if not rule.matches_status(status):
                 continue
-            if rule.when is not None and not truthy(rule.when.search(rscope)):
+            if rule.when is not None and not rule.when.holds(rscope):
                 continue
             return rule
         return None
@@ -234,7 +233,7 @@ class Handler:
     ) -> None:
         failed = []
         for expect in step.expect:
-            if not truthy(expect.that.search(rscope)):
+            if not expect.that.holds(rscope):
                 failed.append(
                     message(
                         self.redactor,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from .context import NO_PAGE, Context, Page, RunState
-from .expressions import truthy
 from .model import FieldSpec, StepSpec
 from .paginate import Pagination
 
@@ -42,8 +41,11 @@ class Mapper:
         if records is None:
             return
         if step.filter is not None:
-            keep = step.filter.search
-            records = [r for r in records if truthy(keep(r))]
+            keep = step.filter.holds
+            if step.filter.is_template:
+                records = [r for r in records if keep(_with_record(page.rscope, r))]
+            else:
+                records = [r for r in records if keep(r)]
         if step.shape is not None:
             records = [step.shape(record) for record in records]
         elif step.fields is not None:
@@ -71,6 +73,12 @@ def shape(
         tscope["record"] = record
         out.append({f.name: field_value(f, record, tscope) for f in fields})
     return out
+
+
+def _with_record(rscope: dict[str, Any] | None, record: Any) -> dict[str, Any]:
+    scope = dict(rscope or {})
+    scope["record"] = record
+    return scope
 
 
 def field_value(spec: FieldSpec, data: Any, scope: dict[str, Any]) -> Any:

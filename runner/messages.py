@@ -105,6 +105,7 @@ def is_loopback(host: str) -> bool:
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 FORMATS = ("auto", "json", "xml", "csv", "ndjson", "text")
 XML_NAMESPACES = ("strip", "keep")
+COMPRESSIONS = ("auto", "gzip", "none")
 
 
 class _LocalNames:
@@ -131,6 +132,9 @@ class DecodeOptions:
     xml_text_key: str = "#text"
     csv_delimiter: str = ","
     csv_encoding: str | None = None  # None: the charset of the Content-Type, else utf-8
+    # A compressed payload (beside Content-Encoding, which the transport always undoes):
+    # auto | gzip | none.
+    compression: str = "auto"
     _force_list: frozenset[str] | _LocalNames | None = field(
         init=False, default=None, repr=False, compare=False
     )
@@ -140,6 +144,10 @@ class DecodeOptions:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
         if isinstance(self.max_body_bytes, bool) or self.max_body_bytes <= 0:
             raise ValueError(f"max_body_bytes must be a positive integer: {self.max_body_bytes}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}"
+            )
         if self.xml_namespaces not in XML_NAMESPACES:
             raise ValueError(f"xml namespaces must be strip or keep, not {self.xml_namespaces!r}")
         if len(self.csv_delimiter) != 1:

@@ -314,4 +314,5 @@ def decode_options(data: Mapping[str, Any] | None) -> DecodeOptions:
         xml_text_key=xml.get("text_key", "#text"),
         csv_delimiter=csv.get("delimiter", ","),
         csv_encoding=csv.get("encoding"),
+        compression=data.get("compression", "auto"),
     )

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from runner.clock import current as current_clock
 from runner.expressions import format_datetime, to_epoch
+from runner.timeutil import parse_datetime_text, windows
 
 if TYPE_CHECKING:
     from markupsafe import Markup
@@ -200,6 +201,21 @@ def filter_format_datetime(value: Any, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
     return format_datetime(value, fmt)
 
 
+def filter_parse_datetime(value: Any, fmt: str) -> str:
+    """Text read with a strftime format (or RFC 2822), as ISO 8601 UTC with `Z`; as a filter
+    or a function. `{{ "Tue, 03 Dec 2024 10:00:00 GMT" | parse_datetime("%a, %d %b %Y
+    %H:%M:%S %z") }}` -> `2024-12-03T10:00:00Z`"""
+    return parse_datetime_text(value, fmt)
+
+
+def global_windows(start: Any, end: Any, step: Any) -> list[dict[str, Any]]:
+    """Half-open `{start, end}` windows of `step` (ISO 8601 duration) from `start` to `end`
+    (null: now). `{{ windows("2024-01-01", "2024-03-01", "P1M") }}` ->
+    `[{"start": "2024-01-01", "end": "2024-02-01"}, {"start": "2024-02-01", "end":
+    "2024-03-01"}]`"""
+    return windows(start, end, step)
+
+
 def filter_raw(value: Any) -> RawPath:
     """Marks a value as already a path: placed in `path` without percent-encoding.
 
@@ -249,9 +265,15 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "xml_escape": filter_xml_escape,
     "to_epoch": filter_to_epoch,
     "format_datetime": filter_format_datetime,
+    "parse_datetime": filter_parse_datetime,
     "raw": filter_raw,
 }
-GLOBALS: dict[str, Callable[..., Any]] = {"now": global_now, "uuid4": global_uuid4}
+GLOBALS: dict[str, Callable[..., Any]] = {
+    "now": global_now,
+    "uuid4": global_uuid4,
+    "windows": global_windows,
+    "parse_datetime": filter_parse_datetime,
+}
 
 
 PLAIN_TYPES = frozenset({str, int, float, bool, list, dict, type(None)})

@@ -340,6 +340,14 @@ def compile_jinja(
     return names, step_refs, fn
 
 
+def is_lone_expression(source: str) -> bool:
+    """Whether a template is exactly one `{{ expression }}` (white space around allowed)."""
+    try:
+        return _lone_expression(_ENV.parse(source)) is not None
+    except jinja2.TemplateSyntaxError:
+        return False  # its syntax error is reported where it is compiled
+
+
 def _tree_depth(tree: nodes.Node) -> int:
     """The depth of a parsed template, measured without recursion."""
     deepest = 0
