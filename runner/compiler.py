@@ -41,6 +41,7 @@ from runner.expressions import (
     Expression,
     compile_expression,
     compile_shape,
+    parse_datetime,
     template_expression,
 )
 from runner.loader import Document, Path
@@ -68,9 +69,11 @@ from runner.model import (
 )
 from runner.outputs import StreamSpec
 from runner.rendering import Mode
+from runner.reshape import RENAME_MODES, compile_reshape
 from runner.reuse import Includes, expand, without_note
 from runner.schema import schema_problems
 from runner.templates import CompiledValue, Template, compile_template, compile_value, is_template
+from runner.timeutil import parse_duration
 
 __all__ = ["SCOPE_NAMES", "Compiled", "build_flow", "compile_document", "merge_services"]
 
@@ -766,6 +769,9 @@ class _Compiler:
             (*path, "filter"), data.get("filter"), on_record=True, jinja="condition"
         )
         fields = self._fields((*path, "fields"), data.get("fields"), on_record=True)
+        add_fields = self._add_fields((*path, "add_fields"), data.get("add_fields"))
+        drop_fields = self._drop_fields((*path, "drop_fields"), data.get("drop_fields"))
+        rename_keys = self._rename_keys((*path, "rename_keys"), data.get("rename_keys"))
         sets = self._sets((*path, "set"), data.get("set"))
         response = self._response((*path, "response"), data.get("response"))
 
@@ -798,6 +804,9 @@ class _Compiler:
                 records=records,
                 filter=filter_,
                 fields=fields,
+                add_fields=add_fields,
+                drop_fields=drop_fields,
+                rename_keys=rename_keys,
                 emit=emit,
                 set=sets,
             )
@@ -995,6 +1004,46 @@ class _Compiler:
                 out.append(FieldSpec(name, expression=expression))
         return tuple(out)
 
+    def _add_fields(self, path: Path, raw: Any) -> tuple[FieldSpec, ...] | None:
+        """`add_fields`: JMESPath on the record, or Jinja with `record` and the scope."""
+        if raw is None:
+            return None
+        out = []
+        for name, source in _mapping(raw).items():
+            expression = self.expression((*path, name), source, on_record=True, jinja="value")
+            if expression is not None:
+                out.append(FieldSpec(str(name), expression=expression))
+        return tuple(out)
+
+    def _drop_fields(self, path: Path, raw: Any) -> tuple[str, ...] | None:
+        if raw is None:
+            return None
+        return tuple(str(p) for p in _list(raw) if isinstance(p, str))
+
+    def _rename_keys(self, path: Path, raw: Any) -> str | dict[str, str] | None:
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            if raw not in RENAME_MODES and not self._schema_found(path):
+                self.at_key(
+                    path,
+                    f"unknown rename_keys mode {raw!r}: lower, snake, or a mapping {{old: new}}"
+                    + did_you_mean(raw, list(RENAME_MODES)),
+                )
+            return raw if raw in RENAME_MODES else None
+        if isinstance(raw, dict):
+            targets: dict[str, str] = {}
+            for old, new in raw.items():
+                if isinstance(new, str) and new in targets:
+                    self.at_key(
+                        (*path, old),
+                        f"'{targets[new]}' and '{old}' are both renamed to '{new}'",
+                    )
+                elif isinstance(new, str):
+                    targets[new] = str(old)
+            return {str(k): v for k, v in raw.items() if isinstance(v, str)}
+        return None
+
     def _sets(self, path: Path, raw: Any) -> tuple[SetSpec, ...]:
         out = []
         for name, spec in _mapping(raw).items():
@@ -1023,11 +1072,16 @@ class _Compiler:
     # -- outputs ----------------------------------------------------------------------------
 
     def _outputs(self, raw: Any) -> dict[str, StreamSpec] | None:
+        for name, spec in _mapping(raw).items():
+            self._cursor(("outputs", name), _mapping(spec))
+
         def read() -> dict[str, StreamSpec]:
             out = {}
             for name, spec in (raw or {}).items():
                 spec = spec or {}
                 cursor = spec.get("cursor")
+                settings = cursor if isinstance(cursor, dict) else {}
+                lookback = settings.get("lookback")
                 out[name] = StreamSpec(
                     name=name,
                     primary_key=tuple(spec.get("primary_key") or ()),
@@ -1036,10 +1090,50 @@ class _Compiler:
                     schema=spec.get("schema"),
                     on_invalid=spec.get("on_invalid", "fail"),
                     write=spec.get("write"),
+                    cursor_start=settings.get("start"),
+                    cursor_lookback=lookback,
+                    skip_seen=bool(settings.get("skip_seen", False)),
                 )
             return out
 
         return self._settle(read)
+
+    def _cursor(self, path: Path, spec: dict[str, Any]) -> None:
+        """The checks of `cursor.start`, `lookback` and `skip_seen` the schema cannot make."""
+        cursor = spec.get("cursor")
+        if not isinstance(cursor, dict):
+            return
+        cpath = (*path, "cursor")
+        lookback = cursor.get("lookback")
+        if isinstance(lookback, str):
+            try:
+                parse_duration(lookback)
+            except ValueError as exc:
+                self.at_key((*cpath, "lookback"), str(exc))
+        if cursor.get("skip_seen") is True:
+            if not spec.get("primary_key"):
+                self.at_key(
+                    (*cpath, "skip_seen"),
+                    "skip_seen needs the stream's primary_key: the keys already emitted at the "
+                    "stored cursor are how it knows a record again",
+                )
+            if lookback is not None:
+                self.at_key(
+                    (*cpath, "lookback"),
+                    "lookback and skip_seen do not go together: skip_seen would drop what "
+                    "lookback fetches again",
+                )
+        start = cursor.get("start")
+        kind = cursor.get("type")
+        if isinstance(start, str) and kind == "datetime":
+            try:
+                parse_datetime(start)
+            except ValueError:
+                self.at_key((*cpath, "start"), f"start {start!r} is not an ISO 8601 datetime")
+        elif start is not None and kind in ("number", "string"):
+            wanted = str if kind == "string" else (int, float)
+            if not isinstance(start, wanted) or isinstance(start, bool):
+                self.at_key((*cpath, "start"), f"start {start!r} is not a {kind}")
 
 
 def _finished(step: StepSpec, referenced: set[str]) -> StepSpec:
@@ -1049,4 +1143,14 @@ def _finished(step: StepSpec, referenced: set[str]) -> StepSpec:
     shape = None
     if step.fields is not None and all(f.expression is not None for f in step.fields):
         shape = compile_shape(tuple((f.name, f.expression) for f in step.fields if f.expression))
-    return dataclasses.replace(step, steps=inner, referenced=step.id in referenced, shape=shape)
+    add = None
+    if step.add_fields:
+        add = tuple(
+            (f.name, f.expression.search, f.expression.is_template)
+            for f in step.add_fields
+            if f.expression is not None
+        )
+    reshape = compile_reshape(add, step.drop_fields, step.rename_keys)
+    return dataclasses.replace(
+        step, steps=inner, referenced=step.id in referenced, shape=shape, reshape=reshape
+    )

@@ -3,6 +3,7 @@ the run (inputs, env, secrets as ***, state, run); nothing is sent or written.""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -11,6 +12,7 @@ from . import clock
 from .context import Context, RunInfo
 from .engine import FlowRun
 from .errors import RunError, UsageError
+from .incremental import state_scope as state_view
 from .model import Flow, StepSpec
 from .outputs import StateStore, StdoutOutputs
 from .paginate import Pagination
@@ -32,10 +34,7 @@ async def show_dry_run(
     if state_path and os.path.exists(state_path):
         saved = StateStore(state_path).load()
     streams = saved.get("streams") or {}
-    state_scope = {
-        name: {"cursor": (streams.get(name) or {}).get("cursor")}
-        for name in set(flow.streams) | set(streams)
-    }
+    state_scope = state_view(flow.outputs, streams, set(flow.streams) | set(streams))
     started = clock.current().now()
     run = FlowRun(
         flow=flow,
@@ -52,6 +51,9 @@ async def show_dry_run(
         await _block(run, step, ctx, waits)
         for step, ctx, waits in _steps_with_context(run, flow.steps, root, "")
     ]
+    incremental = _state_lines(flow, state_scope, streams)
+    if incremental:
+        blocks.append("\n".join(["state:", *incremental]))
     out.write("\n\n".join(blocks) + "\n")
     out.flush()
 
@@ -107,7 +109,64 @@ async def _block(run: FlowRun, step: StepSpec, ctx: Context | None, waits: str) 
     lines.extend(f"  {line}" for line in _credentials(run.flow, step))
     if request.body is not None:
         lines.append("  body: " + request.body.decode("utf-8", "replace")[:2000])
+    mapping = _mapping_line(run.flow, step)
+    if mapping:
+        lines.append(mapping)
     return "\n".join(lines)
+
+
+def _mapping_line(flow: Flow, step: StepSpec) -> str | None:
+    """The step's mapping, in the order it runs: records, filter, fields, add_fields,
+    drop_fields, rename_keys, skip_seen, emit."""
+    if step.records is None:
+        return None
+    parts = [f"records {step.records.source}"]
+    if step.filter is not None:
+        parts.append(f"filter {step.filter.source}")
+    if step.fields is not None:
+        parts.append("fields " + ", ".join(f.name for f in step.fields))
+    if step.add_fields:
+        parts.append("add_fields " + ", ".join(f.name for f in step.add_fields))
+    if step.drop_fields:
+        parts.append("drop_fields " + ", ".join(step.drop_fields))
+    if step.rename_keys is not None:
+        rename = step.rename_keys
+        shown = (
+            rename if isinstance(rename, str) else ", ".join(f"{a}->{b}" for a, b in rename.items())
+        )
+        parts.append(f"rename_keys {shown}")
+    if step.emit:
+        spec = flow.outputs.get(step.emit)
+        if spec is not None and spec.skip_seen:
+            parts.append("skip_seen")
+        parts.append(f"emit {step.emit}")
+    return "  map: " + " -> ".join(parts)
+
+
+def _state_lines(flow: Flow, scope: dict[str, dict[str, Any]], saved: dict[str, Any]) -> list[str]:
+    """Per stream with a cursor: what templates read as state.<stream>, and where it comes
+    from (the state file, or `start`), with skip_seen's keys at the stored value."""
+    lines = []
+    for name in sorted(flow.outputs):
+        spec = flow.outputs[name]
+        if spec.cursor_field is None:
+            continue
+        entry = saved.get(name)
+        stored = entry.get("cursor") if isinstance(entry, dict) else None
+        view = scope.get(name, {})
+        origin = "stored" if stored is not None else ("start" if spec.cursor_start else "none")
+        line = (
+            f"  {name}: cursor {json.dumps(view.get('cursor'))}, since "
+            f"{json.dumps(view.get('since'))} ({origin}"
+        )
+        if spec.cursor_lookback is not None:
+            line += f", lookback {spec.cursor_lookback}"
+        if spec.skip_seen:
+            seen = entry.get("seen") if isinstance(entry, dict) else None
+            count = len(seen) if isinstance(seen, list) else 0
+            line += f", skip_seen: {count} keys seen at the cursor"
+        lines.append(line + ")")
+    return lines
 
 
 def _auth_config(flow: Flow, step: StepSpec) -> Any:

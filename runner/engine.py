@@ -36,6 +36,7 @@ from .decode import receive
 from .errors import RunError, UnavailableError
 from .handle import Handler, message, request_fields, response_scope
 from .http import TransportError, aiohttp_transport
+from .incremental import SeenFilter
 from .logs import enter_step
 from .mapping import Mapper
 from .messages import PreparedRequest, Response, Stats
@@ -84,6 +85,8 @@ class FlowRun:
     auth_scope: dict[str, Any] = field(default_factory=dict)
     reports: dict[str, StepReport] = field(default_factory=dict)
     cut_short_streams: set[str] = field(default_factory=set)
+    # Streams with `cursor.skip_seen`: what they drop, and the keys for the next state.
+    seen_filters: dict[str, SeenFilter] = field(default_factory=dict)
     base_scope: dict[str, Any] = field(default_factory=dict)
     # The phases, made in __post_init__.
     run_state: RunState = field(init=False)
@@ -121,7 +124,7 @@ class FlowRun:
             self.flow.services, self.redactor, self.sender.obtain_token, self.auth_scope
         )
         self.handler = Handler(self.run_state, self._resend)
-        self.mapper = Mapper(self.run_state)
+        self.mapper = Mapper(self.run_state, self.seen_filters)
 
     @property
     def warnings(self) -> list[str]:

@@ -17,7 +17,7 @@ from jmespath import functions as jfunc
 from jmespath import visitor as jvisitor
 
 from runner.errors import ExpressionError, RenderError
-from runner.timeutil import parse_datetime_text, windows
+from runner.timeutil import parse_datetime, parse_datetime_text, windows
 from runner.words import plural
 
 __all__ = [
@@ -37,27 +37,6 @@ _SECOND = timedelta(seconds=1)
 
 
 # --- datetimes, shared with templates.py and outputs.py ------------------------------------
-
-
-def parse_datetime(value: str) -> datetime:
-    """An ISO 8601 datetime as an aware datetime; no zone means UTC.
-
-    Accepts `Z` or an offset, fractional seconds of any length (cut to microseconds), and a
-    bare date (midnight UTC). Raises ValueError on anything else.
-    """
-    if not isinstance(value, str):
-        raise ValueError(f"not a datetime string: {value!r}")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        # RFC 3339 allows lower-case `t` and `z`; fromisoformat does not.
-        try:
-            parsed = datetime.fromisoformat(value.upper())
-        except ValueError:
-            raise ValueError(f"not an ISO 8601 datetime: {value!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed
 
 
 def _as_datetime(value: Any) -> datetime:

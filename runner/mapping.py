@@ -1,11 +1,13 @@
 """Mapping: a handled response's records, selected by `records`, kept by `filter`, shaped by
-`fields` (or a compiled shape), then emitted and kept for `steps.<id>.records`."""
+`fields` (or a compiled shape), reshaped by `add_fields`, `drop_fields` and `rename_keys`,
+thinned by `skip_seen`, then emitted and kept for `steps.<id>.records`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .context import NO_PAGE, Context, Page, RunState
+from .incremental import SeenFilter
 from .model import FieldSpec, StepSpec
 from .paginate import Pagination
 
@@ -13,11 +15,13 @@ from .paginate import Pagination
 class Mapper:
     """Selects and delivers the records of a run's pages."""
 
-    __slots__ = ("reports", "state")
+    __slots__ = ("reports", "seen", "state")
 
-    def __init__(self, state: RunState) -> None:
+    def __init__(self, state: RunState, seen: dict[str, SeenFilter] | None = None) -> None:
         self.state = state
         self.reports = state.reports
+        # Streams with `cursor.skip_seen`.
+        self.seen = seen if seen is not None else {}
 
     def select(self, step: StepSpec, rscope: dict[str, Any], pager: Pagination) -> Page:
         """What `records` selects from an ok response (the next page may be requested before
@@ -51,9 +55,17 @@ class Mapper:
         elif step.fields is not None:
             assert page.rscope is not None
             records = shape(step.fields, records, page.rscope)
+        if step.reshape is not None:
+            reshape, rscope = step.reshape, page.rscope or {}
+            records = [reshape(r if isinstance(r, dict) else {"value": r}, rscope) for r in records]
+        if step.emit:
+            seen = self.seen.get(step.emit)
+            if seen is not None:
+                # Before steps.<id>.records and the writers: a dropped record is not there.
+                records = [r for r in records if seen.keep(r)]
         self.reports[step.id].records += len(records)
         if step.emit:
-            if step.fields is None:
+            if step.fields is None and step.reshape is None:
                 records = [r if isinstance(r, dict) else {"value": r} for r in records]
             ctx.sink.emit_many(step.emit, records)
         if step.referenced:

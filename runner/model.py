@@ -163,6 +163,10 @@ class StepSpec:
     records: Expression | None = None
     filter: Expression | None = None
     fields: tuple[FieldSpec, ...] | None = None
+    # After `fields`, in this order: add (or overwrite) keys, drop keys, rename keys.
+    add_fields: tuple[FieldSpec, ...] | None = None
+    drop_fields: tuple[str, ...] | None = None
+    rename_keys: str | Mapping[str, str] | None = None
     emit: str | None = None
     set: tuple[SetSpec, ...] = ()
     # Some expression reads steps.<id>: only then are its records, response and vars kept
@@ -170,6 +174,9 @@ class StepSpec:
     referenced: bool = False
     # `fields` as one compiled function when every field is JMESPath on the record.
     shape: Callable[[Any], dict[str, Any]] | None = None
+    # `add_fields`, `drop_fields` and `rename_keys` as one function of a record and the
+    # response's scope (compiled when the flow loads); None when the step has none of them.
+    reshape: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
     def walk(self) -> Iterator[StepSpec]:
         yield self

@@ -35,6 +35,8 @@ from .errors import (
     UsageError,
 )
 from .http import aiohttp_transport, is_loopback
+from .incremental import seen_filters
+from .incremental import state_scope as state_view
 from .loader import load_document
 from .model import NO_INPUTS, Flow
 from .outputs import atomic_write
@@ -455,10 +457,9 @@ async def _run(
     try:
         saved = outputs.state.load() if outputs.state is not None else {}
         saved_streams = saved.get("streams") or {}
-        state_scope = {
-            name: {"cursor": (saved_streams.get(name) or {}).get("cursor")}
-            for name in set(flow.streams) | set(saved_streams)
-        }
+        state_scope = state_view(
+            flow.outputs, saved_streams, set(flow.streams) | set(saved_streams)
+        )
         run = FlowRun(
             flow=flow,
             inputs=values,
@@ -472,6 +473,7 @@ async def _run(
             transport=transport,
             clock=clock,
             rng=rng,
+            seen_filters=seen_filters(flow.outputs, saved_streams),
         )
         holder["run"] = run
         check_services_before_run(flow, run)
@@ -485,11 +487,18 @@ async def _run(
         logs.leave_step()  # the lines below are the run's, not its last step's
         # Cursors first: a cursor that cannot be compared fails the run before anything is
         # published. Then the destination commits the records and the new state together.
-        old = {name: v["cursor"] for name, v in state_scope.items()}
-        cursors = outputs.new_cursors(old)
+        # The stored cursors: `cursor.start` is never written to the state by itself.
+        old = {
+            name: entry.get("cursor") if isinstance(entry, dict) else None
+            for name, entry in saved_streams.items()
+        }
+        cursors: dict[str, Any] = outputs.new_cursors(old)
         for stream in run.cut_short_streams:
             if stream in cursors:
                 cursors[stream] = old.get(stream)
+        for stream, seen in run.seen_filters.items():
+            if cursors.get(stream) is not None:
+                cursors[stream] = seen.state(cursors[stream])
         outputs.commit(cursors, frozenset(run.cut_short_streams))
         total = sum(outputs.counts.values())
         log.info(

@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "MAX_WINDOWS",
     "Duration",
+    "parse_datetime",
     "parse_datetime_text",
     "parse_duration",
     "windows",
@@ -27,6 +28,27 @@ _DURATION = re.compile(
     r"P(?!$)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?"
     r"(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:[.,]\d+)?)S)?)?"
 )
+
+
+def parse_datetime(value: str) -> datetime:
+    """An ISO 8601 datetime as an aware datetime; no zone means UTC.
+
+    Accepts `Z` or an offset, fractional seconds of any length (cut to microseconds), and a
+    bare date (midnight UTC). Raises ValueError on anything else.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"not a datetime string: {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        # RFC 3339 allows lower-case `t` and `z`; fromisoformat does not.
+        try:
+            parsed = datetime.fromisoformat(value.upper())
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 datetime: {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +122,6 @@ class _Shape:
 
 
 def _read(value: Any, what: str) -> tuple[datetime, _Shape]:
-    from runner.expressions import parse_datetime
-
     if isinstance(value, bool) or value is None:
         raise ValueError(f"windows(): {what} must be an ISO 8601 datetime, got {value!r}")
     if isinstance(value, int | float):
@@ -174,6 +194,24 @@ def windows(start: Any, end: Any, step: Any) -> list[dict[str, Any]]:
             )
         current = following
     return out
+
+
+def subtract_lookback(value: Any, lookback: str | float) -> Any:
+    """A cursor value moved back by `lookback` (an ISO 8601 duration, or a number: seconds
+    for a datetime, units for a number), written as the value was."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(lookback, str):
+            duration = parse_duration(lookback)
+            if duration.months:
+                moment = shift(datetime.fromtimestamp(value, UTC), duration, -1)
+                return _write(moment, _Shape("epoch"))
+            seconds = duration.fixed.total_seconds()
+            return value - (int(seconds) if seconds == int(seconds) else seconds)
+        return value - lookback
+    moment, shape = _read(value, "the cursor")
+    if isinstance(lookback, str):
+        return _write(shift(moment, parse_duration(lookback), -1), shape)
+    return _write(moment - timedelta(seconds=lookback), shape)
 
 
 # --- datetimes from text --------------------------------------------------------------------

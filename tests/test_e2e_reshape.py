@@ -260,3 +260,114 @@ steps:
         "flow.yaml:12:14: steps[0].filter: a Jinja condition is exactly one {{ expression }}, "
         "without text around it"
     ) in result.stderr
+
+
+def test_reshaping_keeps_the_record_in_the_mapping_order(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    async def orders(request: web.Request) -> web.Response:
+        account = request.match_info["account"]
+        return web.json_response(
+            {
+                "orders": [
+                    {
+                        "OrderID": 1,
+                        "HTTPStatus": "ok",
+                        "Shipping": {"Zip": "01234", "City": "Oslo"},
+                        "Billing": {"Zip": "99999", "City": "Bergen"},
+                        "internal": {"a": 1, "b": 2},
+                        "account": account,
+                    },
+                    "not-an-object",
+                ]
+            }
+        )
+
+    server = serve(app_with(("GET", "/accounts/{account}/orders", orders)))
+    write_flow(
+        HEAD
+        + """
+steps:
+  - id: orders
+    for_each: "['acme']"
+    request: {service: api, path: "/accounts/{{ item }}/orders"}
+    records: body.orders
+    add_fields:
+      account_id: "{{ item | upper }}"
+      meta.source: "'api'"
+      meta.page: "{{ page.number }}"
+      total: "OrderID && multiply(OrderID, `10`)"
+    drop_fields: [internal.a, "*.Zip", account]
+    rename_keys: snake
+    emit: orders
+  - id: projected
+    request: {service: api, path: "/accounts/x/orders"}
+    records: "body.orders[?OrderID]"
+    fields: {id: OrderID, city: Shipping.City}
+    add_fields: {kind: "'order'", id: "add(id, `100`)"}
+    rename_keys: {city: town}
+    emit: projected
+"""
+    )
+    result = cli("run", "flow.yaml", env={"API": server.url})
+    assert result.code == 0, result.stderr
+    rows = read_jsonl(tmp_path / "out" / "orders.jsonl")
+    assert rows == [
+        {
+            "order_id": 1,
+            "http_status": "ok",
+            "shipping": {"City": "Oslo"},
+            "billing": {"City": "Bergen"},
+            "internal": {"b": 2},
+            "account_id": "ACME",
+            "meta": {"source": "api", "page": 1},
+            "total": 10,
+        },
+        {
+            "value": "not-an-object",
+            "account_id": "ACME",
+            "meta": {"source": "api", "page": 1},
+            "total": None,
+        },
+    ]
+    assert read_jsonl(tmp_path / "out" / "projected.jsonl") == [
+        {"id": 101, "town": "Oslo", "kind": "order"}
+    ]
+
+
+def test_a_dotted_add_through_a_value_and_a_rename_collision_fail_at_their_key(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    async def items(_: web.Request) -> web.Response:
+        return web.json_response([{"id": 1, "meta": "text", "Name": "a", "name": "b"}])
+
+    server = serve(app_with(("GET", "/items", items)))
+    write_flow(
+        HEAD
+        + """
+steps:
+  - id: items
+    request: {service: api, path: /items}
+    records: body
+    add_fields: {meta.source: "'api'"}
+    emit: items
+"""
+    )
+    result = cli("run", "flow.yaml", "--summary", "s.json", env={"API": server.url})
+    assert result.code == 1
+    assert "run failed in step 'items'" in result.stderr
+    assert "add_fields.meta.source: 'meta' is a string, not an object" in result.stderr
+    write_flow(
+        HEAD
+        + """
+steps:
+  - id: items
+    request: {service: api, path: /items}
+    records: body
+    rename_keys: lower
+    emit: items
+"""
+    )
+    result = cli("run", "flow.yaml", env={"API": server.url})
+    assert result.code == 1
+    assert "rename_keys: 'Name' and 'name' are both renamed to 'name'" in result.stderr

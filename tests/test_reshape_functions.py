@@ -4,6 +4,7 @@ warning: the functions both languages share, checked in both."""
 from __future__ import annotations
 
 import gzip
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from runner.decode import decode_body, unpack_payload
 from runner.errors import DecodeError, ExpressionError, RenderError
 from runner.expressions import compile_expression
 from runner.messages import DecodeOptions
+from runner.reshape import compile_drop, compile_rename, compile_reshape, snake_case
 from runner.templates import compile_template
 from runner.timeutil import MAX_WINDOWS, parse_duration, windows
 
@@ -293,3 +295,61 @@ def test_a_cut_gzip_payload_is_a_decode_error() -> None:
     body = gzip.compress(CSV * 100)
     with pytest.raises(DecodeError, match="ends before its end marker"):
         unpack_payload(body[: len(body) // 2], "application/gzip", "http://h/x", DecodeOptions())
+
+
+# --- reshaping ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("CamelCase", "camel_case"),
+        ("HTTPCode", "http_code"),
+        ("userID", "user_id"),
+        ("first-name", "first_name"),
+        ("already_snake", "already_snake"),
+        ("ID", "id"),
+        ("Version2Name", "version2_name"),
+    ],
+)
+def test_snake_case(key: str, expected: str) -> None:
+    assert snake_case(key) == expected
+
+
+def test_drop_fields_paths_and_stars_leave_the_original_untouched() -> None:
+    record = {
+        "a": 1,
+        "x": {"q": 1, "r": 2},
+        "addr": {"zip": "01234", "city": "Oslo"},
+        "b": {"c": {"d": 1, "e": 2}},
+        "n": 5,
+    }
+    original = json.loads(json.dumps(record))
+    drop = compile_drop(("a", "x.*", "*.zip", "b.c.d", "absent", "n.deeper"))
+    assert drop(record) == {"x": {}, "addr": {"city": "Oslo"}, "b": {"c": {"e": 2}}, "n": 5}
+    assert record == original
+    assert compile_drop(("*",))(record) == {}
+
+
+def test_rename_keeps_order_and_refuses_two_keys_to_one_name() -> None:
+    assert list(compile_rename("lower")({"B": 1, "a": 2})) == ["b", "a"]
+    assert compile_rename({"a": "z"})({"a": 1, "b": 2}) == {"z": 1, "b": 2}
+    with pytest.raises(RenderError, match="'Id' and 'ID' are both renamed to 'id'"):
+        compile_rename("snake")({"Id": 1, "ID": 2})
+    with pytest.raises(RenderError, match="'a' and 'b' are both renamed to 'b'"):
+        compile_rename({"a": "b"})({"a": 1, "b": 2})
+
+
+def test_add_fields_nested_creates_objects_and_copies_what_it_changes() -> None:
+    record = {"id": 1, "meta": {"a": 1}}
+    add = compile_reshape(
+        (("meta.source", lambda r: "api", False), ("x.y.z", lambda r: r["id"], False)), None, None
+    )
+    assert add is not None
+    assert add(record, {}) == {"id": 1, "meta": {"a": 1, "source": "api"}, "x": {"y": {"z": 1}}}
+    assert record == {"id": 1, "meta": {"a": 1}}
+    nested = compile_reshape((("id.x", lambda r: 1, False),), None, None)
+    assert nested is not None
+    with pytest.raises(RenderError, match=r"add_fields\.id\.x: 'id' is a number, not an object"):
+        nested({"id": 1}, {})
+    assert compile_reshape(None, None, None) is None

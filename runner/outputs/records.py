@@ -49,6 +49,12 @@ class StreamSpec:
     on_invalid: str = "fail"
     # merge | append | replace; None: merge with a primary key, else append.
     write: str | None = None
+    # `cursor.start`: the cursor's value in templates before the first run (never stored).
+    cursor_start: Any = None
+    # `cursor.lookback`: an ISO 8601 duration or a number, subtracted for `state.<s>.since`.
+    cursor_lookback: str | float | None = None
+    # `cursor.skip_seen`: drop records below the stored cursor, and those at it already seen.
+    skip_seen: bool = False
 
     def __post_init__(self) -> None:
         if not STREAM_NAME.fullmatch(self.name):
@@ -75,9 +81,35 @@ class StreamSpec:
             raise UsageError(f"outputs.{self.name}.cursor: a type needs a field")
         if self.cursor_field == "":
             raise UsageError(f"outputs.{self.name}.cursor.field: must not be empty")
+        if self.skip_seen and not self.primary_key:
+            raise UsageError(f"outputs.{self.name}.cursor.skip_seen: needs a primary_key")
+        if self.skip_seen and self.cursor_lookback is not None:
+            raise UsageError(
+                f"outputs.{self.name}.cursor.lookback: not with skip_seen, which would drop "
+                "what lookback fetches again"
+            )
 
 
 # --------------------------------------------------------------------------- cursors
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """A stream's committed state when there is more than the cursor: `{"cursor", "seen"}`."""
+
+    cursor: Any
+    seen: tuple[tuple[Any, ...], ...] = ()
+
+    def entry(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "seen": [list(key) for key in self.seen]}
+
+
+def state_entry(value: Any) -> dict[str, Any]:
+    """The state file's entry of a stream for a new cursor value (or a StreamState)."""
+    if isinstance(value, StreamState):
+        return value.entry()
+    return {"cursor": value}
+
 
 _MISSING: Final = object()
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from runner.errors import LockedError, RunError, UnavailableError, UsageError
 
-from .records import StreamSpec
+from .records import StreamSpec, state_entry
 from .sql import STATE_TABLE, UNSHARDED, SqlOutputs, write_mode
 from .tables import (
     BOOLEAN,
@@ -237,7 +237,7 @@ class SqliteOutputs(SqlOutputs):
                 self._publish_table(db, table, loaded_at)
             for stream, cursor in sorted(cursors.items()):
                 if cursor is not None:
-                    self._put_state("stream", stream, {"cursor": cursor}, self.shard)
+                    self._put_state("stream", stream, state_entry(cursor), self.shard)
         for staging in self.staged.values():
             with contextlib.suppress(sqlite3.Error):
                 db.execute(f"DROP TABLE IF EXISTS temp.{quote(staging)}")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from runner.errors import LockedError, UsageError
 
 from .files import atomic_write, io_error
-from .records import STATE_VERSION
+from .records import STATE_VERSION, state_entry
 
 
 class StateBackend(Protocol):
@@ -168,7 +168,7 @@ class StateStore:
         state = self._read()
         for stream, cursor in cursors.items():
             if cursor is not None:
-                state["streams"].setdefault(stream, {})["cursor"] = cursor
+                state["streams"].setdefault(stream, {}).update(state_entry(cursor))
         self._write(state)
 
     def save_refresh_token(self, service: str, token: str) -> None:
