@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy runner
 
 validate: $(STAMP)
-	$(BIN)/runner validate flows
+	$(BIN)/runner validate flows examples
 
 # The example flows' own offline tests (flows/tests/) first: a broken example fails here.
 test: lint typecheck validate
