@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from runner.clock import current as current_clock
+
 __all__ = [
     "MAX_WINDOWS",
     "Duration",
@@ -167,8 +169,9 @@ def windows(start: Any, end: Any, step: Any) -> list[dict[str, Any]]:
     if start is None:
         raise ValueError("windows(): start is null")
     begin, shape = _read(start, "start")
-    # A null end is now, to the second, as `now()` writes it.
-    finish = datetime.now(UTC).replace(microsecond=0) if end is None else _read(end, "end")[0]
+    # A null end is now (the run's clock), to the second, as `now()` writes it.
+    now = current_clock().now
+    finish = now().replace(microsecond=0) if end is None else _read(end, "end")[0]
     if shape.kind == "date":
         # Date boundaries: the windows end on the end's day (a time of day cannot be written).
         finish = datetime.combine(finish.astimezone(UTC).date(), datetime.min.time(), UTC)
