@@ -252,3 +252,38 @@ outputs:
         '  items: cursor "2024-02-01T00:00:00Z", since "2024-02-01T00:00:00Z" (stored,'
         " skip_seen: 2 keys seen at the cursor)",
     ]
+
+
+def test_skip_seen_keeps_its_keys_in_a_sqlite_destination(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    rows = [
+        {"id": 1, "updated_at": "2024-01-02T00:00:00Z", "v": 1},
+        {"id": 2, "updated_at": "2024-01-02T00:00:00Z", "v": 1},
+    ]
+    server = serve(inclusive_server(rows))
+    write_flow(HEAD + SKIP_SEEN_FLOW)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+
+    def sink_run() -> CliResult:
+        return cli(
+            "run", "flow.yaml", "--sink", url, "--summary", "s.json", env={"API": server.url}
+        )
+
+    assert sink_run().code == 0
+    rows.append({"id": 3, "updated_at": "2024-01-02T00:00:00Z", "v": 2})
+    rows[0]["v"] = 1  # sent again unchanged at the cursor: dropped
+    second = sink_run()
+    assert second.code == 0, second.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["records"] == {"items": 1}
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        ids = [r[0] for r in db.execute("SELECT id FROM items ORDER BY id")]
+        (state,) = db.execute(
+            "SELECT value FROM _runner_state WHERE kind = 'stream' AND name = 'items'"
+        ).fetchone()
+    assert ids == [1, 2, 3]
+    assert json.loads(state) == {"cursor": "2024-01-02T00:00:00Z", "seen": [[1], [2], [3]]}
+    assert server.requests[-1].query["updated_since"] == ["2024-01-02T00:00:00Z"]
