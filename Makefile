@@ -36,7 +36,7 @@ validate: $(STAMP)
 
 # The example flows' own offline tests (flows/tests/) first: a broken example fails here.
 test: lint typecheck validate
-	$(BIN)/runner test flows
+	$(BIN)/runner test flows examples
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
