@@ -18,7 +18,7 @@ from runner.errors import LockedError, RunError, UnavailableError, UsageError
 from runner.redact import Redactor
 from runner.secrets import read_secret
 
-from .records import StreamSpec
+from .records import StreamSpec, state_entry
 from .sql import STAGE_PREFIX, STATE_TABLE, UNSHARDED, SqlOutputs, write_mode
 from .tables import (
     BOOLEAN,
@@ -297,7 +297,7 @@ class PostgresOutputs(SqlOutputs):
                 self._publish_table(self.tables[stream])
             for stream, cursor in sorted(cursors.items()):
                 if cursor is not None:
-                    self._put_state("stream", stream, {"cursor": cursor}, self.shard)
+                    self._put_state("stream", stream, state_entry(cursor), self.shard)
         self._committed = True
         self.staged.clear()
 

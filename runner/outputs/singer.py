@@ -19,7 +19,7 @@ from runner.codec import json_dumps_line
 from runner.errors import RunError
 
 from .base import Outputs
-from .records import STATE_VERSION, StreamSpec
+from .records import STATE_VERSION, StreamSpec, state_entry
 
 if TYPE_CHECKING:
     from .state import StateStore
@@ -159,7 +159,7 @@ class SingerOutputs(Outputs):
         streams = {name: dict(entry) for name, entry in (old.get("streams") or {}).items()}
         for name, cursor in (cursors or {}).items():
             if cursor is not None:
-                streams.setdefault(name, {})["cursor"] = cursor
+                streams.setdefault(name, {}).update(state_entry(cursor))
         self._send({"type": "STATE", "value": {"version": STATE_VERSION, "streams": streams}})
         self._flush()
         if self._store is not None and cursors is not None:
