@@ -62,16 +62,16 @@ class AiohttpTransport:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
         self._proxies: dict[str, ProxyInfo] = {}  # from the environment, with the session
+        self._jars: dict[tuple[str, str, int], aiohttp.CookieJar] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use: aiohttp wants a running event loop.
         if self._session is None:
             self._proxies = proxies_from_env()
             connector = aiohttp.TCPConnector(limit=self.options.max_connections or 0, ssl=self._ssl)
-            # unsafe: internal services are often reached by IP address.
-            jar: aiohttp.abc.AbstractCookieJar = (
-                aiohttp.CookieJar(unsafe=True) if self.options.cookies else aiohttp.DummyCookieJar()
-            )
+            # The session keeps no cookies: `send` keeps them, one jar per origin (aiohttp's
+            # jar scopes them by host, so a cookie would go to the same host on another port).
+            jar = aiohttp.DummyCookieJar()
             # auto_decompress off: aiohttp accepts a gzip body cut short as complete, and a
             # truncated body must be retried; _read_body inflates and checks the stream's end.
             # trust_env off: it would also add ~/.netrc credentials to any request without
@@ -87,6 +87,15 @@ class AiohttpTransport:
                 headers={"Accept-Encoding": _ACCEPT_ENCODING},
             )
         return self._session
+
+    def _jar(self, url: URL) -> aiohttp.CookieJar:
+        """The cookies of one origin: a cookie goes back only to where it came from."""
+        key = (url.scheme, url.host or "", url.port or 0)
+        jar = self._jars.get(key)
+        if jar is None:
+            # unsafe: internal services are often reached by IP address.
+            jar = self._jars[key] = aiohttp.CookieJar(unsafe=True)
+        return jar
 
     def _proxy(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
         """The proxy for a URL from HTTP_PROXY, HTTPS_PROXY and NO_PROXY, as trust_env does."""
@@ -119,12 +128,18 @@ class AiohttpTransport:
         status: int | None = None  # set once the response has begun
         headers: dict[str, str] | None = None
         proxy, proxy_auth = self._proxy(url) if self._proxies else (None, None)
+        cookies = request.cookies
+        jar = self._jar(url) if self.options.cookies else None
+        if jar is not None:
+            kept = jar.filter_cookies(url)
+            if kept:
+                cookies = {**{name: m.value for name, m in kept.items()}, **cookies}
         # Only what differs from aiohttp's defaults: each keyword costs a scan of its ~35.
         extra: dict[str, Any] = _NO_EXTRA
-        if request.body is not None or request.cookies or proxy is not None:
+        if request.body is not None or cookies or proxy is not None:
             extra = {
                 "data": request.body,
-                "cookies": request.cookies or None,
+                "cookies": cookies or None,
                 "proxy": proxy,
                 "proxy_auth": proxy_auth,
             }
@@ -141,6 +156,8 @@ class AiohttpTransport:
             ) as resp:
                 status, reason, final_url = resp.status, resp.reason or "", str(resp.url)
                 headers = _response_headers(resp.headers)
+                if jar is not None and resp.cookies:
+                    jar.update_cookies(resp.cookies, resp.url)
                 length = resp.content_length
                 if (
                     length is not None

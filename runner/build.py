@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import RenderError, RunError, SecurityError
+from .http import without_credentials
 from .messages import PreparedRequest, is_loopback
 from .model import ServiceSpec, StepSpec
 from .paginate import Pagination
@@ -35,6 +36,7 @@ class Builder:
         "_checked_origins",
         "_fixed_base_urls",
         "_obtain_token",
+        "_upload_roots",
         "redactor",
         "services",
     )
@@ -45,6 +47,7 @@ class Builder:
         redactor: Redactor,
         obtain_token: ObtainToken,
         auth_scope: Mapping[str, Any],
+        upload_roots: tuple[str, ...] = (),
     ) -> None:
         self.services = services
         self.redactor = redactor
@@ -52,6 +55,8 @@ class Builder:
         self._auth_scope = auth_scope
         self._fixed_base_urls: dict[str, str] = {}  # rendered once per run
         self._checked_origins: set[tuple[str, bool]] = set()
+        # The flow's folder, then the --files-dir folders: where multipart files may be.
+        self._upload_roots = tuple(os.path.realpath(root) for root in upload_roots)
 
     async def request(
         self, step: StepSpec, scope: dict[str, Any], pager: Pagination
@@ -89,7 +94,7 @@ class Builder:
             _default_content_type(headers, "application/x-www-form-urlencoded")
         elif spec.body_kind == "multipart":
             assert spec.body is not None
-            body, content_type = encode_multipart(spec.body.render(scope))
+            body, content_type = encode_multipart(spec.body.render(scope), self._upload_path)
             headers["Content-Type"] = content_type
         elif spec.body_kind == "body":
             assert spec.body is not None
@@ -115,13 +120,19 @@ class Builder:
         if spec.body_kind == "json" or (json_body is not None and spec.body_kind is None):
             body = json.dumps(json_body, ensure_ascii=False, separators=(",", ":")).encode()
             _default_content_type(headers, "application/json")
-        return PreparedRequest(
+        request = PreparedRequest(
             method=spec.method,
             url=url,
             query=encode_query(query_data) if query_data else [],
             headers=headers,
             body=body,
         )
+        if base_url and spec.url is not None and origin(url) != origin(base_url):
+            # A `url` outside the service's origin (taken from a response, say) gets none of
+            # the service's credentials: no auth (sending checks it too), no header holding a
+            # secret.
+            request = without_credentials(request, self._contains_secret)
+        return request
 
     def next_page(self, step: StepSpec, previous: PreparedRequest, url: str) -> PreparedRequest:
         """The request for a next URL: same method, body, headers and auth; the URL as given."""
@@ -135,7 +146,7 @@ class Builder:
                 "service to follow it",
                 method=previous.method,
             )
-        return PreparedRequest(
+        request = PreparedRequest(
             method=previous.method,
             url=url,
             query=[],
@@ -144,6 +155,28 @@ class Builder:
             cookies=dict(previous.cookies),
             sensitive_headers=set(previous.sensitive_headers),
         )
+        if origin(url) != origin(previous.url):
+            # allow_cross_host follows the data, not the credentials: the flow's own
+            # Authorization and every header holding a secret stay behind.
+            request = without_credentials(request, self._contains_secret)
+        return request
+
+    def _contains_secret(self, text: str) -> bool:
+        return bool(self.redactor) and self.redactor.redact(text) != text
+
+    def _upload_path(self, path: str) -> str:
+        """A multipart `file:` as a path to read: relative to the flow's folder, and inside it
+        or a folder named with --files-dir (symbolic links resolved), never elsewhere."""
+        if not self._upload_roots:
+            return path  # a Builder made without a flow (tests of building alone)
+        full = os.path.realpath(os.path.join(self._upload_roots[0], path))
+        if not any(os.path.commonpath([root, full]) == root for root in self._upload_roots):
+            raise SecurityError(
+                f"multipart file {path!r} is outside the flow's folder"
+                + (" and --files-dir" if len(self._upload_roots) > 1 else "")
+                + ": name its folder with --files-dir to upload it"
+            )
+        return full
 
     async def _base_url(self, service: ServiceSpec, scope: dict[str, Any]) -> str:
         """The service's base_url, rendered; kept for the run when nothing in it can change."""

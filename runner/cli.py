@@ -233,6 +233,7 @@ def _run_loaded(
         handle_signals=True,
         redactor=redactor,
         transport=aiohttp_transport if recorder is None else recorder.wrap(aiohttp_transport),
+        files_dir=args.files_dir,
     )
     return result.exit_code
 
@@ -314,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         default="text",
         help="json: one object a line, with run_id, step, url, status, ... as fields",
+    )
+    run.add_argument(
+        "--files-dir",
+        action="append",
+        metavar="D",
+        help="a folder multipart files may be uploaded from, besides the flow's (repeatable)",
     )
     run.add_argument(
         "--no-progress",

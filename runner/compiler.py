@@ -48,6 +48,8 @@ from runner.loader import Document, Path
 from runner.messages import DecodeOptions, RetryPolicy, Timeouts, TlsOptions, is_loopback
 from runner.model import (
     BODY_KEYS,
+    DEFAULT_MAX_PAGES,
+    DEFAULT_MAX_RECORDS,
     DEFAULT_MAX_VISITS,
     NO_INPUTS,
     AuthAlternative,
@@ -791,6 +793,7 @@ class _Compiler:
                 concurrency=int(data.get("concurrency", max(1, len(inner)) if parallel else 1)),
                 max_items=data.get("max_items"),
                 max_visits=int(data.get("max_visits", DEFAULT_MAX_VISITS)),
+                max_records=data.get("max_records", DEFAULT_MAX_RECORDS),
                 steps=inner,
                 auth=auth,
                 retry=merge_retry(base_retry, data.get("retry")),
@@ -839,6 +842,8 @@ class _Compiler:
             body = self.value((*path, "body"), data["body"], "text")
         elif body_kind is not None:
             body = self.value((*path, body_kind), data[body_kind])
+            if body_kind == "multipart":
+                self._check_upload_sources((*path, "multipart"), data["multipart"])
         for key in ("method", "service"):
             self.check_leaves((*path, key), data.get(key))
         url_path = self.template((*path, "path"), data.get("path"), "path")
@@ -861,6 +866,24 @@ class _Compiler:
                 body_template=body_template,
             )
         )
+
+    def _check_upload_sources(self, path: Path, parts: Any) -> None:
+        """A multipart `file:` is literal or comes from `inputs`: a path read from a response
+        would let a server choose which local file is uploaded."""
+        for name, part in _mapping(parts).items():
+            source = part.get("file") if isinstance(part, dict) else None
+            if not isinstance(source, str) or not is_template(source):
+                continue
+            try:
+                names = compile_template(source).names
+            except ExpressionError:
+                continue  # reported where the body is compiled
+            if not names <= {"inputs"}:
+                self.at_value(
+                    (*path, name, "file"),
+                    "a multipart file is a path written in the flow or taken from inputs, "
+                    f"not from {', '.join(sorted(names - {'inputs'}))}",
+                )
 
     def _body_file(self, path: Path, name: str) -> Template | None:
         file = FilePath(self.doc.file).parent / name
@@ -901,7 +924,8 @@ class _Compiler:
                 size=data.get("size"),
                 limit_param=data.get("limit_param", "limit" if kind == "offset" else None),
                 limit=data.get("limit"),
-                max_pages=data.get("max_pages"),
+                max_pages=data.get("max_pages", DEFAULT_MAX_PAGES),
+                max_pages_is_default="max_pages" not in data,
                 **found,
             )
 

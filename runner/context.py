@@ -161,6 +161,7 @@ class StepReport:
     stopped: int = 0
     ok_responses: int = 0
     ok_with_records: int = 0
+    kept: int = 0  # records kept for steps.<id>.records
 
 
 @dataclass(slots=True, eq=False)

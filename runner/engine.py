@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class FlowRun:
     transport: TransportFactory = aiohttp_transport
     clock: Clock = SYSTEM_CLOCK
     rng: random.Random | None = None
+    files_dirs: tuple[str, ...] = ()  # --files-dir: folders multipart files may come from
     stats: Stats = field(default_factory=Stats)
     steps_scope: dict[str, dict[str, Any]] = field(default_factory=dict)
     auth_scope: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +123,11 @@ class FlowRun:
             rng=self.rng,
         )
         self.builder = Builder(
-            self.flow.services, self.redactor, self.sender.obtain_token, self.auth_scope
+            self.flow.services,
+            self.redactor,
+            self.sender.obtain_token,
+            self.auth_scope,
+            upload_roots=(os.path.dirname(os.path.abspath(self.flow.file)), *self.files_dirs),
         )
         self.handler = Handler(self.run_state, self._resend)
         self.mapper = Mapper(self.run_state, self.seen_filters)
@@ -343,6 +349,15 @@ class FlowRun:
         except RunError as exc:
             raise exc.in_context(item_index=index) from exc.__cause__
 
+    def _warn_default_max_pages(self, step: StepSpec) -> None:
+        paginate = step.paginate
+        if paginate is not None and paginate.max_pages_is_default:
+            self.warn(
+                f"step '{step.id}': pagination stopped after {paginate.max_pages} pages, the "
+                "default max_pages, with more pages left; set paginate.max_pages to raise it "
+                "(null lifts it)"
+            )
+
     def _cut_short(self, step: StepSpec) -> None:
         for s in step.walk():
             if s.emit:
@@ -388,6 +403,7 @@ class FlowRun:
                     if outcome == MORE:
                         if pager.cut_short:
                             self._cut_short(step)
+                            self._warn_default_max_pages(step)
                         return NEXT
                     return outcome
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -344,7 +345,11 @@ def _tree_depth(tree: dict[str, Any]) -> int:
 @functools.lru_cache(maxsize=8192)
 def _compile_expression(source: str) -> Expression:
     try:
-        tree = jmespath.compile(source).parsed
+        with warnings.catch_warnings():
+            # JEP-12's "deprecated string literal syntax" (`foo` read as a string): the
+            # expression still compiles as JMESPath defines it; the warning is the library's.
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            tree = jmespath.compile(source).parsed
     except jexc.JMESPathError as exc:
         raise ExpressionError(_syntax_message(source, exc)) from exc
     except RecursionError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -164,11 +165,8 @@ class Handler:
                 **request_fields(redactor, request, response),
             )
         delay: float | None = None
-        if isinstance(rule.delay, float):
-            delay = rule.delay
-        elif rule.delay is not None:
-            value = rule.delay.search(rscope)
-            delay = float(value) if isinstance(value, int | float | str) and value != "" else None
+        if rule.delay is not None:
+            delay = self._rule_delay(step, rule, rscope, request, response)
         if delay is None and response is not None:
             delay = retry_after_seconds(
                 response.headers.get("retry-after"), self.state.clock.time()
@@ -189,6 +187,41 @@ class Handler:
             )  # fmt: skip
         # The client counts this resend (first_attempt > 1) in stats.retries.
         return await self._resend(step, request, scope, attempts + 1, delay)
+
+    def _rule_delay(
+        self,
+        step: StepSpec,
+        rule: RuleSpec,
+        rscope: dict[str, Any],
+        request: PreparedRequest,
+        response: Response | None,
+    ) -> float | None:
+        """A retry rule's `delay`: a finite number of seconds >= 0, at most max_retry_after;
+        null or "" read from the response falls back to Retry-After and backoff."""
+        assert rule.delay is not None
+        source = str(rule.delay) if isinstance(rule.delay, float) else rule.delay.source
+        value = rule.delay if isinstance(rule.delay, float) else rule.delay.search(rscope)
+        if value is None or value == "":
+            return None
+        delay: float | None = None
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
+            try:
+                delay = float(value)
+            except (ValueError, OverflowError):
+                delay = None
+        if delay is None or not math.isfinite(delay) or delay < 0:
+            shown = json.dumps(value)[:100] if not isinstance(value, float) else repr(value)
+            raise RunError(
+                f"retry delay ({source}) gave {shown}: not a finite number of seconds >= 0",
+                **request_fields(self.redactor, request, response),
+            )
+        if delay > step.retry.max_retry_after:
+            raise UnavailableError(
+                f"retry delay of {delay:g} s ({source}) exceeds max_retry_after "
+                f"({step.retry.max_retry_after:g} s)",
+                **request_fields(self.redactor, request, response),
+            )
+        return delay
 
     def _failure(
         self,

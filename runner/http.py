@@ -10,7 +10,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
@@ -130,6 +130,33 @@ def _strip_query(url: URL, names: set[str]) -> URL:
     return URL(f"{bare}?{'&'.join(kept)}", encoded=True) if kept else bare
 
 
+def _never_secret(value: str) -> bool:
+    return False
+
+
+def without_credentials(
+    request: PreparedRequest, contains_secret: Callable[[str], bool] = _never_secret
+) -> PreparedRequest:
+    """The request as it may go to an origin its credentials do not belong to: without
+    Authorization, Cookie, Proxy-Authorization, the headers marked sensitive, any header whose
+    value holds a secret, the cookies and the credential query parameters."""
+    dropped = ALWAYS_SENSITIVE | {name.lower() for name in request.sensitive_headers}
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if k.lower() not in dropped and not contains_secret(v)
+    }
+    query = [(k, v) for k, v in request.query if k not in request.sensitive_query]
+    return replace(
+        request,
+        headers=headers,
+        query=query,
+        cookies={},
+        sensitive_headers=set(),
+        sensitive_query=set(),
+    )
+
+
 def redirect_request(
     request: PreparedRequest,
     status: int,
@@ -137,18 +164,28 @@ def redirect_request(
     *,
     allow_insecure_http: bool = False,
     same_origin: bool = False,
+    contains_secret: Callable[[str], bool] = _never_secret,
 ) -> PreparedRequest:
     """The next hop of a redirect, following browsers and RFC 9110.
 
     303 (and 301/302 after a POST) become a GET without body; 307 and 308 keep both. A hop to
-    another origin loses every credential: Authorization, Cookie, Proxy-Authorization, the
-    headers marked sensitive, the cookies and the credential query parameters.
+    another origin loses every credential (`without_credentials`); a body that holds a
+    secret is not sent there at all (SecurityError), nor is any request when `same_origin`.
+    A hop on the same origin keeps the credential query parameters the Location left out.
     """
     current = _full_url(request)
     try:
         target = current.join(URL(location)).with_fragment(None)
     except (ValueError, TypeError) as exc:
         raise RunError(f"invalid redirect Location {location!r}: {exc}", url=str(current)) from exc
+    if target.raw_user is not None or target.raw_password is not None:
+        # aiohttp would turn them into an Authorization header of the server's choosing.
+        raise SecurityError(
+            f"redirect Location with credentials (user:password@) refused: "
+            f"{target.with_user(None)}",
+            url=str(current),
+            status=status,
+        )
     shown = str(target)
     if current.scheme == "https" and target.scheme == "http":
         raise SecurityError(f"redirect from https to http refused: {shown}", url=str(current))
@@ -163,17 +200,30 @@ def redirect_request(
     sensitive_headers = request.sensitive_headers
     sensitive_query = request.sensitive_query
     if _origin(target, shown) != _origin(current, str(current)):
-        if same_origin:
+        if same_origin or (body and contains_secret(body.decode("utf-8", "replace"))):
             raise SecurityError(
                 f"redirect to another origin refused ({status} to "
-                f"{target.with_query(None)}): its credentials may not follow",
+                f"{target.with_query(None)}): the request's credentials may not follow",
                 url=str(current),
                 status=status,
             )
         dropped = ALWAYS_SENSITIVE | {name.lower() for name in sensitive_headers}
-        headers = {k: v for k, v in headers.items() if k.lower() not in dropped}
+        headers = {
+            k: v for k, v in headers.items() if k.lower() not in dropped and not contains_secret(v)
+        }
         target = _strip_query(target, sensitive_query)
         cookies, sensitive_headers, sensitive_query = {}, set(), set()
+    elif sensitive_query:
+        # The Location is the server's URL: put back the key it left out, or the next hop
+        # would go unauthenticated.
+        missing = [
+            (name, value)
+            for name in sorted(sensitive_query)
+            if name not in target.query
+            for value in current.query.getall(name, [])
+        ]
+        if missing:
+            target = target.extend_query(missing)
     # The hop's URL keeps the server's query as sent, so `query` stays empty.
     return PreparedRequest(
         method=method,
@@ -358,6 +408,10 @@ class ServiceClient:
 
     async def close(self) -> None:
         await self._transport.close()
+
+    def contains_secret(self, text: str) -> bool:
+        """Whether a header value or body holds a secret of the run, in any encoding."""
+        return bool(self._redactor) and self._redactor.redact(text) != text
 
     def pause_until(self, when: float) -> None:
         """Pauses every request of this service until `when` (on the clock's monotonic time)."""
@@ -570,6 +624,7 @@ class ServiceClient:
                 location,
                 allow_insecure_http=self._allow_insecure_http,
                 same_origin=same_origin,
+                contains_secret=self.contains_secret,
             )
 
     async def _wait_for_pause(self, retry: RetryPolicy) -> None:

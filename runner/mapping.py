@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .context import NO_PAGE, Context, Page, RunState
+from .errors import RunError
 from .incremental import SeenFilter
 from .model import FieldSpec, StepSpec
 from .paginate import Pagination
@@ -69,6 +70,15 @@ class Mapper:
                 records = [r if isinstance(r, dict) else {"value": r} for r in records]
             ctx.sink.emit_many(step.emit, records)
         if step.referenced:
+            report = self.reports[step.id]
+            report.kept += len(records)
+            if step.max_records is not None and report.kept > step.max_records:
+                raise RunError(
+                    f"step '{step.id}' has more than max_records ({step.max_records}) records "
+                    f"to keep for steps.{step.id}.records, which an expression reads: raise "
+                    "max_records on the step (null lifts it), or narrow what it fetches",
+                    kind="limit",
+                )
             ctx.sink.step_records(step.id, records)
             local = self.state.keep_local(ctx, step.id)
             if local is not None:

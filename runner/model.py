@@ -19,6 +19,9 @@ KeyPath = tuple[str | int, ...]
 ACTIONS = ("ok", "skip", "stop", "retry", "fail", "goto", "end")
 BODY_KEYS = ("json", "form", "multipart", "body", "body_file")
 DEFAULT_MAX_VISITS = 100
+# Records kept for `steps.<id>.records` when an expression reads them: they stay in memory
+# for the run, so a step that pages without end must not hold them all. `null` lifts it.
+DEFAULT_MAX_RECORDS = 100_000
 # The inputs schema of a flow without `inputs`: any mapping (read-only, shared).
 NO_INPUTS: Mapping[str, Any] = {"type": "object"}
 
@@ -97,6 +100,11 @@ class PollSpec:
     message: Template | None = None
 
 
+# Pages a pagination fetches when the flow does not say: an API that always answers with a
+# next cursor must not grow a file or the memory without bound. `max_pages: null` lifts it.
+DEFAULT_MAX_PAGES = 10_000
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class PaginateSpec:
     """A step's `paginate`: the pagination type, where the token goes, and when it ends."""
@@ -113,8 +121,9 @@ class PaginateSpec:
     total: Expression | None = None
     cursor: Expression | None = None
     next_url: Expression | None = None
-    max_pages: int | None = None
+    max_pages: int | None = None  # None: no cap, set deliberately (`max_pages: null`)
     stop_when: Expression | None = None
+    max_pages_is_default: bool = False  # the cap is DEFAULT_MAX_PAGES: reaching it warns
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -150,6 +159,7 @@ class StepSpec:
     concurrency: int = 1
     max_items: int | None = None
     max_visits: int = DEFAULT_MAX_VISITS
+    max_records: int | None = DEFAULT_MAX_RECORDS  # kept for steps.<id>.records
     steps: tuple[StepSpec, ...] = ()
     auth: AuthOverride = "inherit"
     retry: RetryPolicy = RetryPolicy()

@@ -13,7 +13,7 @@ import random
 import secrets as _random
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -187,6 +187,7 @@ def run_flow(
     rng: random.Random | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     run_id: str | None = None,
+    files_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
 ) -> RunResult:
     """Run a flow as `runner run` does, in an event loop of its own; never raises for a
     failed run: the outcome is in the returned RunResult.
@@ -242,7 +243,7 @@ def run_flow(
                 dry_run=dry_run, summary=summary, timeout=timeout, services=services,
                 environ=environ, stdout=stdout, progress=progress,
                 handle_signals=handle_signals, redactor=redactor, transport=transport,
-                clock=clock, rng=rng, run_id=run_id,
+                clock=clock, rng=rng, run_id=run_id, files_dir=files_dir,
             )
         )  # fmt: skip
 
@@ -269,6 +270,7 @@ async def run_flow_async(
     rng: random.Random | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     run_id: str | None = None,
+    files_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
 ) -> RunResult:
     """`run_flow` for hosts that already run an event loop (Jupyter, FastAPI, async Airflow
     tasks): the same parameters and the same RunResult, run in the caller's loop.
@@ -289,7 +291,7 @@ async def run_flow_async(
             environ=dict(os.environ if environ is None else environ), stdout=stdout,
             progress=progress, handle_signals=handle_signals,
             redactor=redactor if redactor is not None else Redactor(),
-            transport=transport, clock=clock, rng=rng, run_id=run_id,
+            transport=transport, clock=clock, rng=rng, run_id=run_id, files_dir=files_dir,
         )  # fmt: skip
 
 
@@ -328,6 +330,7 @@ async def _execute(
     clock: Clock,
     rng: random.Random | None,
     run_id: str | None,
+    files_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
 ) -> RunResult:
     started_at = clock.now()
     run_id = run_id or new_run_id(started_at)
@@ -353,7 +356,7 @@ async def _execute(
             result = await _run(
                 flow, inputs, output_dir, output, sink, state, timeout, environ, out, redactor,
                 run_id, started_at, runner_state, handle_signals, progress, transport, clock,
-                rng,
+                rng, _folders(files_dir),
             )  # fmt: skip
             error = None
             exit_code = result
@@ -390,6 +393,20 @@ async def _execute(
         if summary:
             write_summary(summary, summary_data)
         return RunResult(exit_code, status, summary_data)
+
+
+def _folders(
+    files_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+) -> tuple[str, ...]:
+    """--files-dir: one folder or several; each must exist (exit 2)."""
+    if files_dir is None:
+        return ()
+    given = [files_dir] if isinstance(files_dir, str | os.PathLike) else list(files_dir)
+    folders = tuple(os.fspath(f) for f in given)
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise UsageError(f"--files-dir {folder}: not a folder")
+    return folders
 
 
 def write_summary(path: str, data: dict[str, Any]) -> None:
@@ -433,6 +450,7 @@ async def _run(
     transport: TransportFactory,
     clock: Clock,
     rng: random.Random | None,
+    files_dirs: tuple[str, ...] = (),
 ) -> int:
     run_started = clock.monotonic()
     values = prepare_inputs(flow, inputs)
@@ -474,6 +492,7 @@ async def _run(
             clock=clock,
             rng=rng,
             seen_filters=seen_filters(flow.outputs, saved_streams),
+            files_dirs=files_dirs,
         )
         holder["run"] = run
         check_services_before_run(flow, run)

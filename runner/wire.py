@@ -8,7 +8,7 @@ import json
 import mimetypes
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from yarl import URL
@@ -73,11 +73,18 @@ def _disposition_name(value: str) -> str:
     return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def encode_multipart(parts: Mapping[str, Any]) -> tuple[bytes, str]:
+def _any_path(path: str) -> str:
+    return path
+
+
+def encode_multipart(
+    parts: Mapping[str, Any], resolve_file: Callable[[str], str] = _any_path
+) -> tuple[bytes, str]:
     """The body and its Content-Type; file parts are read now, so every attempt sends these bytes.
 
     A part is a string or `{file, filename, content_type}`; numbers and booleans are sent as
-    text (`true`/`false`), a null part is left out.
+    text (`true`/`false`), a null part is left out. `resolve_file` turns a part's `file` into
+    the path to read, or refuses it (the builder: inside the flow's folder or --files-dir).
     """
     encoded: list[tuple[bytes, bytes]] = []  # (part headers, content)
     for name, part in parts.items():
@@ -91,7 +98,7 @@ def encode_multipart(parts: Mapping[str, Any]) -> tuple[bytes, str]:
                     "{file, filename, content_type}"
                 )
             try:
-                with open(path, "rb") as handle:
+                with open(resolve_file(path), "rb") as handle:
                     content = handle.read()
             except OSError as exc:
                 raise RenderError(f"multipart part '{name}': cannot read {path}: {exc}") from exc

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus, urlencode
 
 import pytest
 from aiohttp import web
@@ -52,6 +55,7 @@ class ServerThread:
     """
 
     app: web.Application
+    host: str = "127.0.0.1"  # 127.0.0.2 and the like: another origin on the same machine
     requests: list[RecordedRequest] = field(default_factory=list)
     url: str = ""
     _loop: asyncio.AbstractEventLoop | None = None
@@ -88,10 +92,10 @@ class ServerThread:
             asyncio.set_event_loop(loop)
             runner = web.AppRunner(self.app, access_log=None)
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, self.host, 0)
             loop.run_until_complete(site.start())
             port = runner.addresses[0][1]
-            self.url = f"http://127.0.0.1:{port}"
+            self.url = f"http://{self.host}:{port}"
             self._runner = runner
             ready.set()
             loop.run_forever()
@@ -115,12 +119,13 @@ class ServerThread:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[web.Application], ServerThread]]:
-    """`server = serve(app)` starts `app`; `server.url` is its base URL."""
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """`server = serve(app)` starts `app` (on 127.0.0.1, or `host=`); `server.url` is its
+    base URL."""
     started: list[ServerThread] = []
 
-    def start(app: web.Application) -> ServerThread:
-        server = ServerThread(app)
+    def start(app: web.Application, host: str = "127.0.0.1") -> ServerThread:
+        server = ServerThread(app, host)
         server.start()
         started.append(server)
         return server
@@ -269,7 +274,7 @@ def run_cli_measured(
 
 
 # Types of the fixtures above, for the test modules' annotations.
-Serve = Callable[[web.Application], ServerThread]
+Serve = Callable[..., ServerThread]
 Cli = Callable[..., CliResult]
 WriteFlow = Callable[..., Path]
 
@@ -404,3 +409,38 @@ def target_jsonl() -> Path:
                 pytest.fail(reason)
             pytest.skip(reason)
     return command
+
+
+def _hex_lower(encoded: str) -> str:
+    """Percent-encoding with lower-case hex digits, as some encoders write it."""
+    out, i = [], 0
+    while i < len(encoded):
+        if encoded[i] == "%":
+            out.append(encoded[i : i + 3].lower())
+            i += 3
+        else:
+            out.append(encoded[i])
+            i += 1
+    return "".join(out)
+
+
+def wire_forms(secret: str, user: str = "user") -> dict[str, str]:
+    """Every form a secret takes on the wire, as the canary tests look for it."""
+    b64 = base64.b64encode(secret.encode()).decode()
+    forms = {
+        "raw": secret,
+        "quote": quote(secret),
+        "quote_all": quote(secret, safe=""),
+        "quote_plus": quote_plus(secret),
+        "quote_lower": _hex_lower(quote(secret, safe="")),
+        "quote_plus_lower": _hex_lower(quote_plus(secret)),
+        "json": json.dumps(secret)[1:-1],
+        "json_slash": json.dumps(secret)[1:-1].replace("/", "\\/"),
+        "json_ascii": json.dumps(secret, ensure_ascii=True)[1:-1],
+        "base64": b64.rstrip("="),
+        "base64_url": base64.urlsafe_b64encode(secret.encode()).decode().rstrip("="),
+        "basic": base64.b64encode(f"{user}:{secret}".encode()).decode(),
+        "form": urlencode({"client_secret": secret}).split("=", 1)[1],
+    }
+    forms["json_of_quote_plus"] = json.dumps(quote_plus(secret))[1:-1]
+    return forms
