@@ -659,3 +659,53 @@ def test_the_committed_recordings_hold_no_demo_secret() -> None:
         for secret in demo_secrets:
             for form in encodings(secret):
                 assert form not in text, (path.name, form)
+
+
+TOKEN_FLOW = """\
+version: 1
+name: tokens
+services:
+  api:
+    base_url: https://api.example
+    auth:
+      type: oauth2_client_credentials
+      token_url: https://api.example/oauth/token
+      client_id: app
+      client_secret: "{{ secrets.CLIENT_SECRET }}"
+steps:
+  - id: job
+    request: {service: api, path: /job}
+    poll: {until: "body.state == 'done'", interval: 30, timeout: 600}
+    records: body
+    emit: jobs
+"""
+
+
+def test_a_token_refresh_beyond_the_recording_reuses_the_last_token_entry(
+    cli: Cli, tmp_path: Path
+) -> None:
+    (tmp_path / "tokens.yaml").write_text(TOKEN_FLOW)
+    token = entry("POST", "https://api.example/oauth/token", 200,
+                  {"access_token": "***", "token_type": "Bearer", "expires_in": 60})  # fmt: skip
+    token["request"]["postData"] = {
+        "mimeType": "application/x-www-form-urlencoded",
+        "text": "grant_type=client_credentials",
+    }
+    token["_auth"] = True
+    unused_token = json.loads(json.dumps(token))
+    unused_token["request"]["postData"]["text"] = "grant_type=client_credentials&scope=never"
+    pending = entry("GET", "https://api.example/job", 200, {"state": "pending"})
+    done = entry("GET", "https://api.example/job", 200, {"state": "done"})
+    (tmp_path / "tokens.har").write_text(har(token, pending, pending, pending, pending, done,
+                                             unused_token))  # fmt: skip
+    case = (
+        "  - name: polled past the token's expiry\n    recording: tokens.har\n"
+        # Tokens at 0 s, 60 s and 120 s (each renewed 6 s before its 60 s expire): three token
+        # requests from one recorded token entry, and five polls.
+        "    expect: {summary: {requests: 8}, outputs: {jobs: [{state: done}]}}\n"
+    )
+    (tmp_path / "tokens.test.yaml").write_text(a_test_file("tokens.yaml", case))
+    result = cli("test", "tokens.test.yaml", "--format", "json")
+    [report] = json_report(result)
+    assert (result.code, report["differences"]) == (0, [])
+    assert report["virtual_s"] == 120  # five polls, 30 s apart
