@@ -709,3 +709,38 @@ def test_a_token_refresh_beyond_the_recording_reuses_the_last_token_entry(
     [report] = json_report(result)
     assert (result.code, report["differences"]) == (0, [])
     assert report["virtual_s"] == 120  # five polls, 30 s apart
+
+
+def test_sigterm_still_writes_the_recording(serve: Serve, tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    async def items(request: web.Request) -> web.Response:
+        if request.query.get("cursor") == "2":
+            await asyncio.sleep(8)  # the second page stalls: the run is stopped there
+        return web.json_response({"data": ITEMS[:2], "next": "2"})
+
+    server = serve(app_with(("GET", "/items", items)))
+    (tmp_path / "shop.yaml").write_text(SHOP_FLOW)
+    env = {**os.environ, "API_URL": server.url, "API_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", "run", "shop.yaml", "--record", "stopped.har"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while len(server.requests) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never got to page 2"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 143, stderr
+    entries = json.loads((tmp_path / "stopped.har").read_text())["log"]["entries"]
+    assert [(e["response"]["status"], e.get("_error")) for e in entries] == [
+        (200, None),
+        (0, "reset"),
+    ]
+    assert entries[1]["_message"] == "cancelled before a response"
+    assert not (tmp_path / "stopped.har.partial").exists()

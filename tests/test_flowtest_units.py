@@ -313,3 +313,31 @@ def test_virtual_time_jumps_to_the_earliest_deadline() -> None:
     assert clock.elapsed == 1 + 270 + 5
     assert clock.now() == datetime(2024, 5, 1, 12, 4, 36, tzinfo=UTC)
     assert time.perf_counter() - wall < 0.5
+
+
+def test_recorded_absolute_times_are_read_relative_to_the_entry() -> None:
+    from runner.flowtest.replay import Cassette, ReplayTransport
+    from runner.har import read_entries
+    from runner.transport import TransportOptions
+
+    raw = {
+        "startedDateTime": "2024-05-01T12:00:00.000Z",
+        "request": {"method": "GET", "url": "https://h/x"},
+        "response": {
+            "status": 429,
+            "headers": [
+                {"name": "Retry-After", "value": "Wed, 01 May 2024 12:00:30 GMT"},
+                {"name": "X-RateLimit-Reset", "value": "1714564830"},  # 12:00:30Z
+            ],
+        },
+    }
+    [entry] = read_entries({"log": {"entries": [raw]}})
+    clock = VirtualClock(datetime(2030, 1, 1, tzinfo=UTC))
+    transport = ReplayTransport(
+        Cassette([entry], NO_MATCH, Redactor(), clock), TransportOptions("s")
+    )
+    headers = transport._shifted(entry)
+    assert headers["retry-after"] == "Tue, 01 Jan 2030 00:00:30 GMT"
+    assert int(headers["x-ratelimit-reset"]) == int(
+        datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC).timestamp()
+    )
