@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _collector_paused():
             _import_aiohttp_without_loading_cas()
-            from .run import load_flow
+            from .run import load_flow, run_flow
 
             flow = load_flow(args.flow, args.services)
         flow_name = flow.name
@@ -211,7 +211,10 @@ def _run_loaded(
     except RunnerError as exc:
         if args.summary and not args.dry_run:
             # The summary is written on every exit but --dry-run, so also for a bad flow or bad
-            # inputs found here, before run_flow starts.
+            # inputs found here, before run_flow starts (or before its import was done, when
+            # a signal came first: hence imported here again).
+            from .run import failure_before_run, write_summary
+
             write_summary(args.summary, failure_before_run(flow_name, exc, redactor))
         raise
     from .progress import wanted
@@ -240,9 +243,9 @@ def _run_loaded(
 
 def cmd_validate(args: argparse.Namespace) -> int:
     with _collector_paused():
-        from .validate import format_problems, validate_paths
+        from .validate import check_paths, closing_line, format_problems
 
-    problems = validate_paths(args.paths, args.exclude or [], args.services)
+    problems, flows = check_paths(args.paths, args.exclude or [], args.services)
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
     shown = problems
@@ -251,6 +254,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             sys.stderr.write(format_problems(shown, "text") + "\n")
     else:
         sys.stdout.write(format_problems(shown, args.format) + "\n")
+    # On stderr in every format: stdout of json and github stays one document.
+    sys.stderr.write(closing_line(problems, flows) + "\n")
     if errors or (args.strict and warnings):
         return EXIT_USAGE
     return EXIT_OK

@@ -23,7 +23,6 @@ templates through `template`/`value`, expressions through `expression`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path as FilePath
@@ -54,6 +53,7 @@ from runner.model import (
     NO_INPUTS,
     AuthAlternative,
     AuthOverride,
+    EnvRead,
     ExpectSpec,
     FieldSpec,
     Flow,
@@ -64,6 +64,7 @@ from runner.model import (
     ServiceSpec,
     SetSpec,
     StepSpec,
+    declared_inputs,
     decode_options,
     merge_retry,
     merge_timeouts,
@@ -88,6 +89,33 @@ SCOPE_NAMES: Final = frozenset(
 )  # fmt: skip
 _ITEM_NAMES: Final = frozenset({"item", "item_index"})
 _AUTH_WHEN_NAMES: Final = frozenset({"inputs", "env"})
+_BODY_HINT: Final = "the response body is 'body'"
+_RESPONSE_HINT: Final = (
+    "the response is 'status', 'reason', 'headers', 'body' and 'url' (an earlier step's: "
+    "steps.<id>.response)"
+)
+# Names a newcomer reaches for, and where the scope keeps what they mean.
+_SCOPE_HINTS: Final = {
+    "json": _BODY_HINT,
+    "data": _BODY_HINT,
+    "payload": _BODY_HINT,
+    "content": _BODY_HINT,
+    "result": _BODY_HINT,
+    "response": _RESPONSE_HINT,
+    "resp": _RESPONSE_HINT,
+    "res": _RESPONSE_HINT,
+    "r": _RESPONSE_HINT,
+    "header": "the response headers are 'headers' (names in lower case)",
+    "status_code": "the response status is 'status'",
+    "environ": "environment variables are 'env.NAME'",
+    "environment": "environment variables are 'env.NAME'",
+    "vars": "the values a step sets are 'steps.<id>.vars.<name>'",
+    "variables": "the values a step sets are 'steps.<id>.vars.<name>'",
+    "records": "a step's records are 'steps.<id>.records'",
+    "record": "'record' is in the scope of a step's `fields` templates only",
+}
+# `headers.content-type` reads `headers.content` minus `type`: a dashed name needs quotes.
+_DASHED_HEADER: Final = re.compile(r"\bheaders\.([A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)+)")
 # A setting of the wrong shape, in a document the schema already found errors in.
 _SHAPE_ERRORS: Final = (TypeError, ValueError, KeyError, AttributeError, IndexError, UsageError)
 
@@ -273,6 +301,16 @@ def _leaves(path: Path, data: Any) -> Iterator[tuple[Path, Any]]:
         yield path, data
 
 
+def _header_hint(source: str, jinja: bool) -> str:
+    """For `headers.content-type`: how a header name with a dash is written."""
+    match = _DASHED_HEADER.search(source)
+    if match is None:
+        return ""
+    name = match.group(1).lower()
+    written = f"headers['{name}']" if jinja else f'headers."{name}"'
+    return f" (a header name with '-' is written {written})"
+
+
 def _literal_insecure(url: Any) -> str | None:
     """The host of a literal http:// URL to a host that is not loopback, else None."""
     from urllib.parse import urlsplit
@@ -322,15 +360,28 @@ class _Compiler:
         self.order: dict[str, int] = {}
         self.lanes: dict[str, tuple[tuple[str, int], ...]] = {}
         self.step: _StepInfo | None = None  # the step being compiled, for the scope checks
+        self.env_reads: list[EnvRead] = []
+        # The inputs a template may read, when the inputs schema declares the complete list.
+        self.inputs = declared_inputs(data.get("inputs"))
 
     # -- problems -----------------------------------------------------------------------
 
     def at_key(self, path: Path, message: str, severity: str = "error") -> None:
         self.problems.append(self.doc.problem(path, message, severity))
 
-    def at_value(self, path: Path, message: str, severity: str = "error") -> None:
+    def at_value(
+        self,
+        path: Path,
+        message: str,
+        severity: str = "error",
+        *,
+        expression: str | None = None,
+        offset: int | None = None,
+    ) -> None:
         """A problem inside a template or expression, located at its text."""
-        self.problems.append(self.doc.value_problem(path, message, severity))
+        self.problems.append(
+            self.doc.value_problem(path, message, severity, expression, offset)
+        )
 
     def _settle(self, read: Callable[[], _T]) -> _T | None:
         """Plain settings, which the schema has checked. In a document it found errors in, a
@@ -357,39 +408,50 @@ class _Compiler:
         # A number where the schema wants a string is its problem; a valid one is text.
         return str(source) if self.trusted else None
 
-    def _compile(self, path: Path, build: Callable[[], _T]) -> _T | None:
+    def _compile(self, path: Path, build: Callable[[], _T], source: str, jinja: bool) -> _T | None:
         try:
             return build()
         except ExpressionError as exc:
-            self.at_value(path, exc.message)
+            # The hint joins the first line: a caret line, if any, stays under the expression.
+            first, newline, rest = exc.message.partition("\n")
+            message = first + _header_hint(source, jinja) + newline + rest
+            self.at_value(path, message, expression=exc.expression, offset=exc.offset)
             return None
 
-    def _check_names(
+    def _check(
         self,
         path: Path,
+        source: str,
+        compiled: Template | Expression,
         names: frozenset[str],
-        step_refs: frozenset[str],
-        kind: str,
         *,
         record: bool = False,
     ) -> None:
+        """What a template or expression reads, against the scope, the flow's steps and its
+        declared inputs."""
+        jinja = isinstance(compiled, Template)
+        kind = "template" if jinja else "expression"
         allowed = SCOPE_NAMES | {"record"} if record else SCOPE_NAMES
+        dashed = _header_hint(source, jinja)
         for name in sorted(names - allowed):
             choices = sorted(allowed)
-            hint = did_you_mean(name, choices) or f"; the scope has {', '.join(choices)}"
+            known = _SCOPE_HINTS.get(name)
+            if dashed and f"-{name}" in source:
+                hint = f"; {dashed.strip()[1:-1]}"  # the words inside the parentheses
+            elif known is not None and not (name == "record" and record):
+                hint = f"; {known}"
+            else:
+                hint = did_you_mean(name, choices) or f"; the scope has {', '.join(choices)}"
             self.at_value(path, f"unknown name '{name}' in {kind}{hint}")
         step = self.step
         if names & _ITEM_NAMES and not (step is not None and step.in_item):
             self.at_value(
                 path, "'item' is used outside a for_each: it is undefined here", "warning"
             )
-        for ref in sorted(step_refs):
+        for ref in sorted(compiled.step_refs):
             if ref not in self.order:
-                self.at_value(
-                    path,
-                    f"steps.{ref}: no step has the id '{ref}'"
-                    + did_you_mean(ref, list(self.order)),
-                )
+                hint = did_you_mean(ref, list(self.order))
+                self.at_value(path, f"steps.{ref}: no step has the id '{ref}'{hint}")
             elif step is not None and self.order[ref] >= step.order:
                 which = "itself" if ref == step.id else "a later step"
                 self.at_value(
@@ -402,6 +464,16 @@ class _Compiler:
                     f"steps.{ref} is in another branch of the parallel block '{block}': "
                     "they run at the same time, so it has no value yet",
                 )
+        if "inputs" not in names or self.inputs is None:
+            return
+        declared = self.inputs
+        for root, key in sorted(compiled.reads):
+            if root != "inputs" or key in declared:
+                continue
+            hint = did_you_mean(key, declared) or (
+                f"; it declares {', '.join(declared)}" if declared else "; it declares none"
+            )
+            self.at_value(path, f"inputs.{key}: the flow's inputs declare no '{key}'{hint}")
 
     def _other_lane(self, step: _StepInfo, ref: str) -> str | None:
         """The parallel block in which `ref` runs beside `step` (not before it), if any."""
@@ -415,16 +487,36 @@ class _Compiler:
         return None
 
     def template(
-        self, path: Path, source: Any, mode: Mode = "value", *, record: bool = False
+        self,
+        path: Path,
+        source: Any,
+        mode: Mode = "value",
+        *,
+        record: bool = False,
+        kept: bool = True,
     ) -> Template | None:
+        """A template compiled and checked at `path`; `kept=False` for one the run reads as it
+        is written (checked, nothing noted)."""
         text = self._source(source)
         if text is None:
             return None
-        compiled: Template | None = self._compile(path, lambda: compile_template(text, mode))
-        if compiled is not None:
+        compiled: Template | None = self._compile(
+            path, lambda: compile_template(text, mode), text, True
+        )
+        if compiled is None:
+            return None
+        self._check(path, text, compiled, compiled.names, record=record)
+        if kept:
             self._note_template(text, compiled.step_refs)
-            self._check_names(path, compiled.names, compiled.step_refs, "template", record=record)
+            for root, key in sorted(compiled.reads - compiled.guarded_reads):
+                if root == "env":
+                    self.env_reads.append(EnvRead(key, self._where(path)))
         return compiled
+
+    def _where(self, path: Path) -> str:
+        line, column = self.doc.value_mark(path)
+        where = f"{self.doc.file}:{line}:{column}"
+        return f"{where}: {format_path(path)}" if path else where
 
     def value(self, path: Path, data: Any, mode: Mode = "value") -> CompiledValue | None:
         """A structure whose string leaves are templates, each checked at its own key."""
@@ -453,9 +545,7 @@ class _Compiler:
         """Templates in keys the run reads as they are: compiled and checked, not kept."""
         for leaf_path, leaf in _leaves(path, data):
             if isinstance(leaf, str) and is_template(leaf):
-                compiled = self._compile(leaf_path, functools.partial(compile_template, leaf))
-                if compiled is not None:
-                    self._check_names(leaf_path, compiled.names, compiled.step_refs, "template")
+                self.template(leaf_path, leaf, kept=False)
 
     def expression(
         self, path: Path, source: Any, *, on_record: bool = False, jinja: str | None = None
@@ -468,7 +558,9 @@ class _Compiler:
             return None
         if jinja is not None and is_template(text):
             return self._template_expression(path, text, on_record, jinja == "condition")
-        compiled: Expression | None = self._compile(path, lambda: compile_expression(text))
+        compiled: Expression | None = self._compile(
+            path, lambda: compile_expression(text), text, False
+        )
         if compiled is not None:
             if compiled.negated_path is not None:
                 head, _, rest = compiled.negated_path.partition(".")
@@ -481,7 +573,7 @@ class _Compiler:
             self.step_refs.update(compiled.step_refs)
             # On a record (filter, fields), a root name is a key of the record.
             names = frozenset() if on_record else compiled.root_names
-            self._check_names(path, names, compiled.step_refs, "expression")
+            self._check(path, text, compiled, names)
         return compiled
 
     def _template_expression(
@@ -558,6 +650,7 @@ class _Compiler:
             emitted=frozenset(self.emitted),
             secrets=frozenset(self.secrets),
             document=doc,
+            env_reads=tuple(self.env_reads),
         )
 
     def _check_parallel_streams(self, data: dict[str, Any]) -> None:
@@ -697,10 +790,10 @@ class _Compiler:
             return None
         compiled: Expression | Template | None
         if is_template(text):
-            compiled = self._compile(path, lambda: compile_template(text, "value"))
+            compiled = self._compile(path, lambda: compile_template(text, "value"), text, True)
             names = compiled.names - {"has_secret"} if compiled is not None else frozenset()
         else:
-            compiled = self._compile(path, lambda: compile_expression(text))
+            compiled = self._compile(path, lambda: compile_expression(text), text, False)
             names = compiled.root_names if compiled is not None else frozenset()
         for name in sorted(names - _AUTH_WHEN_NAMES):
             self.at_value(

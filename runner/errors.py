@@ -32,6 +32,28 @@ EXIT_LOCKED = 75
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
+# Every `error.kind` a summary can hold, besides the `kind` a flow's own `fail` rule names.
+# docs/FORMAT.md ("Error kinds") lists the same; a test holds the docs and the code together.
+ERROR_KINDS = (
+    "invalid_flow",  # exit 2: the flow has problems (FlowError)
+    "usage",  # exit 2: command line, inputs, environment, secrets, --services, sink
+    "http",  # a status no rule accepted, a transport failure, a pagination loop
+    "unavailable",  # exit 69: 408, 429, 5xx or no response after the retries
+    "timeout",  # exit 69: --timeout reached, or a poll that never ended
+    "expect",  # an `expect` that did not hold
+    "invalid_record",  # a record its stream's schema refuses
+    "decode",  # a body that does not decode as its format
+    "security",  # a request refused for safety (origin, scheme, header value)
+    "render",  # a template or expression that failed while running
+    "limit",  # a bound of the run's own reached (max_records)
+    "cursor",  # a cursor value that cannot be compared with the others
+    "io",  # an output or state file that cannot be written
+    "destination",  # a database destination that refused or failed
+    "locked",  # exit 75: another run holds the state, the outputs or the database
+    "interrupted",  # exit 130 / 143: SIGINT or SIGTERM
+    "internal",  # a bug of the runner's own, or a broken installation
+)
+
 BODY_EXCERPT_CHARS = 500
 # What an error keeps of a body: more than it shows, so that a secret that straddles the
 # excerpt's end is still whole when the body is redacted, and masked, not cut in two.
@@ -66,7 +88,11 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
 
 @dataclass(frozen=True, slots=True, order=True)
 class Problem:
-    """One located problem in a flow file. Sorts by file, line, column."""
+    """One located problem in a flow file. Sorts by file, line, column.
+
+    A problem inside a template or expression also has the `expression` and, when known,
+    the `offset` in it where the problem is: the text format draws a caret under it (the
+    message's second line); `json` and `github` give them as fields and the first line."""
 
     file: str
     line: int
@@ -74,6 +100,8 @@ class Problem:
     path: str
     message: str
     severity: str = field(default="error", compare=False)  # "error" | "warning"
+    expression: str | None = field(default=None, compare=False)
+    offset: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}: "
@@ -86,22 +114,31 @@ class Problem:
         indent = "\n" + " " * len(where)
         return where + first + "".join(indent + line for line in rest)
 
+    @property
+    def summary(self) -> str:
+        """The message on one line: without the caret drawing of an expression's problem."""
+        return self.message.split("\n", 1)[0] if self.expression is not None else self.message
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "file": self.file,
             "line": self.line,
             "column": self.column,
             "path": self.path,
-            "message": self.message,
+            "message": self.summary,
             "severity": self.severity,
         }
+        if self.expression is not None:
+            data["expression"] = self.expression
+            data["offset"] = self.offset
+        return data
 
 
 class RunnerError(Exception):
     """Base of every error the runner raises on purpose."""
 
     exit_code: ClassVar[int] = EXIT_FAILED
-    kind: str = "error"
+    kind: str = "internal"  # raised as it is only when the installation is broken
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message)
@@ -136,12 +173,19 @@ class UsageError(RunnerError):
 class ExpressionError(RunnerError):
     """A Jinja template or JMESPath expression that does not compile.
 
-    Raised without a location by templates.py and expressions.py; the model turns it into a
-    located Problem.
+    Raised without a location by templates.py and expressions.py; the compile pass turns it
+    into a located Problem.
     """
 
     exit_code = EXIT_USAGE
-    kind = "expression"
+    kind = "invalid_flow"
+
+    def __init__(
+        self, message: str = "", *, expression: str | None = None, offset: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.expression = expression  # the text it is about, as the message shows it
+        self.offset = offset  # where in `expression`, when the parser says
 
 
 class LockedError(RunnerError):

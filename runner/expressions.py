@@ -225,6 +225,7 @@ class Expression:
         "is_plain_path",
         "is_template",
         "negated_path",
+        "reads",
         "root_names",
         "search",
         "source",
@@ -237,6 +238,8 @@ class Expression:
     getter: tuple[str | int, ...] | None
     step_refs: frozenset[str]
     root_names: frozenset[str]
+    # `name.key` read against the root, as (name, key): `inputs.since` -> ("inputs", "since").
+    reads: frozenset[tuple[str, str]]
     is_plain_path: bool
     # The expression as a condition: JMESPath truthiness, and false where a function meets a
     # value of the wrong type (`contains(null, 'x')`), instead of a failure.
@@ -259,8 +262,10 @@ class Expression:
         holds: Callable[[Any], bool] | None = None,
         negated_path: str | None = None,
         is_template: bool = False,
+        reads: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.source = source
+        self.reads = reads
         self.search = fn
         self.holds = holds if holds is not None else (lambda data: truthy(fn(data)))
         self.negated_path = negated_path
@@ -351,7 +356,7 @@ def _compile_expression(source: str) -> Expression:
             warnings.simplefilter("ignore", PendingDeprecationWarning)
             tree = jmespath.compile(source).parsed
     except jexc.JMESPathError as exc:
-        raise ExpressionError(_syntax_message(source, exc)) from exc
+        raise _syntax_error(source, exc) from exc
     except RecursionError:
         raise ExpressionError(_too_deep("JMESPath")) from None
     parsed = cast("dict[str, Any]", tree)
@@ -370,6 +375,7 @@ def _compile_expression(source: str) -> Expression:
         fn,
         step_refs=frozenset(_step_refs(parsed)),
         root_names=frozenset(_root_names(parsed)),
+        reads=frozenset(_root_reads(parsed)),
         is_plain_path=path is not None,
         path=path,
         holds=None if path is not None else _null_safe(source, tree),
@@ -406,9 +412,17 @@ def _negated_path(parsed: dict[str, Any]) -> str | None:
     return None
 
 
-def _syntax_message(source: str, exc: jexc.JMESPathError) -> str:
+def _syntax_error(source: str, exc: jexc.JMESPathError) -> ExpressionError:
+    """The message (with its caret line), and the expression and the offset as data."""
+    message, shown, position = _syntax_message(source, exc)
+    return ExpressionError(message, expression=shown, offset=position)
+
+
+def _syntax_message(source: str, exc: jexc.JMESPathError) -> tuple[str, str, int | None]:
+    # Newlines (YAML block scalars) would break the caret's alignment.
+    shown = source.replace("\n", " ").replace("\r", " ")
     if isinstance(exc, jexc.EmptyExpressionError):
-        return "JMESPath: empty expression"
+        return "JMESPath: empty expression", shown, None
     position: int | None = None
     if isinstance(exc, jexc.LexerError):
         what = exc.message.rstrip(".")
@@ -427,14 +441,12 @@ def _syntax_message(source: str, exc: jexc.JMESPathError) -> str:
             what = exc.msg[:1].lower() + exc.msg[1:]
     else:
         what = str(exc)
-    # Newlines (YAML block scalars) would break the caret's alignment.
-    shown = source.replace("\n", " ").replace("\r", " ")
     head = f"JMESPath: {what}: "
     if position is None:
-        return head + shown
+        return head + shown, shown, None
     # The caret is aligned for the message printed alone; whoever prefixes the first line
     # (file:line:col: path: ) indents the following lines by the prefix's width.
-    return f"{head}{shown}\n{' ' * (len(head) + position)}^"
+    return f"{head}{shown}\n{' ' * (len(head) + position)}^", shown, position
 
 
 def _walk(node: Any) -> Iterator[dict[str, Any]]:
@@ -523,6 +535,26 @@ def _root_names(node: dict[str, Any]) -> set[str]:
             names |= _root_names(child)
         return names
     # literal, current, expref (evaluated on elements), index, slice, ...
+    return set()
+
+
+def _root_reads(node: dict[str, Any]) -> set[tuple[str, str]]:
+    """`name.key` read against the root (as `_root_names` finds the names), as (name, key)."""
+    kind = node["type"]
+    children = node.get("children", [])
+    if (
+        kind == "subexpression"
+        and children[0]["type"] == "field"
+        and children[1]["type"] == "field"
+    ):
+        return {(children[0]["value"], children[1]["value"])}
+    if kind in _LEFT_ONLY and children:
+        return _root_reads(children[0])
+    if kind in _ALL_CHILDREN:
+        reads: set[tuple[str, str]] = set()
+        for child in children:
+            reads |= _root_reads(child)
+        return reads
     return set()
 
 

@@ -167,12 +167,28 @@ class Document:
         return Problem(doc.file, line, column, format_path(where), message + note, severity)
 
     def value_problem(
-        self, path: Sequence[str | int], message: str, severity: str = "error"
+        self,
+        path: Sequence[str | int],
+        message: str,
+        severity: str = "error",
+        expression: str | None = None,
+        offset: int | None = None,
     ) -> Problem:
         """A problem inside a template or expression, located at the start of its text."""
         doc, where, note = self.origin(path)
         line, column = doc.value_mark(where)
-        return Problem(doc.file, line, column, format_path(where), message + note, severity)
+        # The note joins the first line, so that a caret line stays under the expression.
+        first, newline, rest = message.partition("\n")
+        return Problem(
+            doc.file,
+            line,
+            column,
+            format_path(where),
+            first + note + newline + rest,
+            severity,
+            expression,
+            offset,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,6 +226,15 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class EnvRead:
+    """An environment variable a template reads without a default (`| default`, `is
+    defined`): it must be set before the first request. `where` is `file:line:col: key`."""
+
+    name: str
+    where: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Flow:
     """A validated flow file, compiled: ready to run."""
 
@@ -239,6 +248,8 @@ class Flow:
     emitted: frozenset[str]  # every stream some emit names
     secrets: frozenset[str]  # secret names read statically, resolved before the first request
     document: Document = field(repr=False)
+    # Read by templates, checked against the environment before the first request.
+    env_reads: tuple[EnvRead, ...] = ()
 
     def auth_owner(self, service: str) -> str:
         """The service whose auth (token cache, refresh, stored refresh token) `service` uses."""
@@ -333,3 +344,17 @@ def decode_options(data: Mapping[str, Any] | None) -> DecodeOptions:
         csv_encoding=csv.get("encoding"),
         compression=data.get("compression", "auto"),
     )
+
+
+def declared_inputs(schema: Any) -> tuple[str, ...] | None:
+    """The input names an inputs schema declares, when it declares them as the complete list:
+    `properties`, and no `additionalProperties` (or `false`) and no `patternProperties`.
+    None when any name is welcome."""
+    if not isinstance(schema, Mapping):
+        return None
+    properties = schema.get("properties")
+    if not isinstance(properties, Mapping):
+        return None
+    if schema.get("additionalProperties", False) is not False or "patternProperties" in schema:
+        return None
+    return tuple(str(name) for name in properties)

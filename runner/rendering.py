@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 Mode = Literal["value", "text", "path"]
 MODES = ("value", "text", "path")
 Renderer = Callable[[Mapping[str, Any]], Any]
+# Static reads of the scope as (root name, first key): `env.URL` -> ("env", "URL").
+Reads = frozenset[tuple[str, str]]
 # Literal text, and lookups as (root name, keys): `/items/{{ item.id }}`.
 Parts = list[str | tuple[str, tuple[str | int, ...]]]
 

@@ -33,12 +33,13 @@ from .errors import (
     RunnerError,
     UnavailableError,
     UsageError,
+    did_you_mean,
 )
 from .http import aiohttp_transport, is_loopback
 from .incremental import seen_filters
 from .incremental import state_scope as state_view
 from .loader import load_document
-from .model import NO_INPUTS, Flow
+from .model import NO_INPUTS, Flow, declared_inputs
 from .outputs import atomic_write
 from .outputs.sinks import make_outputs
 from .progress import Progress
@@ -96,8 +97,20 @@ def apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
 
 
 def prepare_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run's inputs with the schema's defaults; UsageError (exit 2) for an input the
+    flow does not declare or a value its schema refuses."""
     if flow.inputs_schema == NO_INPUTS:
         return dict(inputs or {})  # any mapping is valid: no need to import jsonschema
+    declared = declared_inputs(flow.inputs_schema)
+    if declared is not None:
+        unknown = [name for name in inputs or {} if name not in declared]
+        if unknown:
+            lines = [
+                f"input '{name}' is not declared by the flow" + did_you_mean(str(name), declared)
+                for name in unknown
+            ]
+            listed = ", ".join(declared) if declared else "none"
+            raise UsageError("\n".join(lines) + f"\nthe flow's inputs are: {listed}")
     import jsonschema
 
     values = apply_defaults(flow.inputs_schema, dict(inputs or {}))
@@ -115,6 +128,21 @@ def prepare_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, An
 
 
 # -- checks before the first request --------------------------------------------------------
+
+
+def check_environment(flow: Flow, environ: Mapping[str, str]) -> None:
+    """Every environment variable the templates read without a default is set; else exit 2,
+    naming each missing one and where it is read."""
+    missing: dict[str, list[str]] = {}
+    for read in flow.env_reads:
+        if read.name not in environ:
+            missing.setdefault(read.name, []).append(read.where)
+    if missing:
+        lines = [
+            f"environment variable {name} is not set (read at {'; '.join(where)})"
+            for name, where in sorted(missing.items())
+        ]
+        raise UsageError("\n".join(lines))
 
 
 def check_services_before_run(flow: Flow, run: FlowRun) -> None:
@@ -351,6 +379,7 @@ async def _execute(
 
                     check_sink(sink, output, state, environ, redactor)
                 values = prepare_inputs(flow, inputs)
+                check_environment(flow, environ)
                 await show_dry_run(choose_auth(flow, values, environ), values, environ, out, state)
                 return RunResult(EXIT_OK, "success", {})
             result = await _run(
@@ -455,6 +484,7 @@ async def _run(
     run_started = clock.monotonic()
     values = prepare_inputs(flow, inputs)
     flow = choose_auth(flow, values, environ)
+    check_environment(flow, environ)
     secrets = Secrets(environ, redactor)
     secrets.resolve(flow.secrets)
     outputs = make_outputs(

@@ -26,6 +26,7 @@ from runner.rendering import (
     PLAIN_TYPES,
     Mode,
     Parts,
+    Reads,
     Renderer,
     check_defined,
     finalize_json,
@@ -319,9 +320,10 @@ def environment(mode: Mode, autoescape: bool) -> _Environment:
 
 def compile_jinja(
     source: str, mode: Mode, autoescape: bool
-) -> tuple[frozenset[str], frozenset[str], Renderer]:
-    """The root names read, the `steps.<id>` read, and the renderer of a template; raises
-    ExpressionError on a syntax error, an unknown filter or test."""
+) -> tuple[frozenset[str], frozenset[str], Renderer, Reads, Reads]:
+    """The root names read, the `steps.<id>` read, the renderer of a template, its static
+    reads (`env.X`, `inputs['y']`) and those of them it guards (`| default`, `is defined`);
+    raises ExpressionError on a syntax error, an unknown filter or test."""
     env = environment(mode, autoescape)
     try:
         tree = env.parse(source)
@@ -329,15 +331,16 @@ def compile_jinja(
             raise RecursionError  # reported below, as when the parser itself ran out
         names = frozenset(meta.find_undeclared_variables(tree)) - _GLOBAL_NAMES
         step_refs = frozenset(_step_refs(tree))
+        reads, guarded = _reads(tree)
         expr = _lone_expression(tree) if mode == "value" else None
         fn = _compile_expression(env, expr) if expr is not None else _compile_text(env, tree)
     except jinja2.TemplateSyntaxError as exc:
-        raise ExpressionError(_syntax_message(source, exc)) from exc
+        raise ExpressionError(_syntax_message(source, exc), expression=source) from exc
     except RecursionError:
         raise ExpressionError(
             f"Jinja: the template is nested more than {MAX_NESTING} levels deep"
         ) from None
-    return names, step_refs, fn
+    return names, step_refs, fn, frozenset(reads), frozenset(guarded)
 
 
 def is_lone_expression(source: str) -> bool:
@@ -368,6 +371,46 @@ def _syntax_message(source: str, exc: jinja2.TemplateSyntaxError) -> str:
     if len(shown) > 200:
         shown = shown[:200] + "..."
     return f"Jinja: {exc.message} (line {lineno}): {shown}"
+
+
+# Filters that give a value for a missing key: what they read may be missing.
+_GUARD_FILTERS = frozenset({"default", "d"})
+
+
+def _read(node: nodes.Node) -> tuple[str, str] | None:
+    """`name.key` or `name['key']` on a name of the scope, as (name, key)."""
+    if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name):
+        return node.node.name, node.attr
+    if (
+        isinstance(node, nodes.Getitem)
+        and isinstance(node.node, nodes.Name)
+        and isinstance(node.arg, nodes.Const)
+        and isinstance(node.arg.value, str)
+    ):
+        return node.node.name, node.arg.value
+    return None
+
+
+def _reads(tree: nodes.Template) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """The static reads of a template, and those it guards: under `default` or a test
+    (`is defined`). A method called on a name (`env.get('X')`) is not a read."""
+    reads: set[tuple[str, str]] = set()
+    guarded: set[tuple[str, str]] = set()
+    stack: list[tuple[nodes.Node, bool, nodes.Node | None]] = [(tree, False, None)]
+    while stack:
+        node, under_guard, parent = stack.pop()
+        read = _read(node)
+        if read is not None and not (isinstance(parent, nodes.Call) and parent.node is node):
+            reads.add(read)
+            if under_guard:
+                guarded.add(read)
+        guard = (
+            under_guard
+            or isinstance(node, nodes.Test)
+            or (isinstance(node, nodes.Filter) and node.name in _GUARD_FILTERS)
+        )
+        stack.extend((child, guard, node) for child in node.iter_child_nodes())
+    return reads, guarded
 
 
 def _step_refs(tree: nodes.Template) -> set[str]:

@@ -20,6 +20,7 @@ from runner.rendering import (
     Mode,
     Parts,
     RawPath,
+    Reads,
     Renderer,
     finalize_json,
     finalize_path,
@@ -58,6 +59,10 @@ class Template:
     # Text and lookups only: the result depends on the scope alone (no `now()`, no
     # `uuid4()`), so the same scope values give the same text.
     lookups_only: bool = False
+    # `name.key` read statically, as (name, key); and those the template guards (`default`,
+    # `is defined`), which may be missing.
+    reads: Reads = frozenset()
+    guarded_reads: Reads = frozenset()
 
     def render(self, scope: Mapping[str, Any]) -> Any:
         if self._fn is None:
@@ -99,8 +104,8 @@ def _compile_template(source: str, mode: Mode, autoescape: bool) -> Template:
         return _simple_template(source, mode, parts)
     from runner.sandbox import compile_jinja
 
-    names, step_refs, fn = compile_jinja(source, mode, autoescape)
-    return Template(source, names, step_refs, False, fn)
+    names, step_refs, fn, reads, guarded = compile_jinja(source, mode, autoescape)
+    return Template(source, names, step_refs, False, fn, reads=reads, guarded_reads=guarded)
 
 
 # --- the fast path: literal text and lookups, without Jinja ----------------------------------
@@ -172,13 +177,16 @@ def _simple_template(source: str, mode: Mode, parts: Parts) -> Template:
     step_refs = frozenset(
         keys[0] for name, keys in lookups if name == "steps" and keys and isinstance(keys[0], str)
     )
+    reads = frozenset(
+        (name, keys[0]) for name, keys in lookups if keys and isinstance(keys[0], str)
+    )
     fallback = functools.partial(_jinja_renderer, source, mode)
     lone = mode == "value" and len(lookups) == 1
     if lone and all(p.strip() == "" for p in parts if isinstance(p, str)):
         fn = lookup_renderer(*lookups[0], fallback)
     else:
         fn = parts_renderer(parts, finalize_path if mode == "path" else finalize_json, fallback)
-    return Template(source, names, step_refs, False, fn, lookups_only=True)
+    return Template(source, names, step_refs, False, fn, lookups_only=True, reads=reads)
 
 
 def _jinja_renderer(source: str, mode: Mode) -> Renderer:

@@ -16,9 +16,12 @@ from runner.errors import FlowError, Problem, UsageError
 from runner.loader import Document, load_document
 from runner.reuse import Includes
 from runner.schema import flow_schema, schema_problems, services_problems
+from runner.words import plural
 
 __all__ = [
     "apply_services_override",
+    "check_paths",
+    "closing_line",
     "find_flow_files",
     "flow_schema",
     "format_problems",
@@ -109,6 +112,13 @@ def validate_paths(
 
     A valid override is applied to each flow's services, as `runner run` would apply it.
     """
+    return check_paths(paths, exclude, services_file)[0]
+
+
+def check_paths(
+    paths: Sequence[str], exclude: Sequence[str] = (), services_file: str | None = None
+) -> tuple[list[Problem], int]:
+    """`validate_paths`, and the number of flow files checked."""
     problems: list[Problem] = []
     overrides: Document | None = None
     if services_file is not None:
@@ -123,7 +133,8 @@ def validate_paths(
     services: list[str] = []
     # Each included file is read and checked once, and its own problems reported once.
     includes = Includes()
-    for file in find_flow_files(paths, exclude):
+    files = find_flow_files(paths, exclude)
+    for file in files:
         try:
             doc = load_document(file)
         except FlowError as exc:
@@ -134,7 +145,17 @@ def validate_paths(
         services.extend(compiled.service_names)
     if overrides is not None:
         problems.extend(services_problems(overrides, services))
-    return sorted(dict.fromkeys(problems))
+    return sorted(dict.fromkeys(problems)), len(files)
+
+
+def closing_line(problems: Sequence[Problem], flows: int) -> str:
+    """`checked 8 flows: 0 errors, 1 warning`, as linters end their report."""
+    errors = sum(1 for p in problems if p.severity == "error")
+    warnings = len(problems) - errors
+    return (
+        f"checked {plural(flows, 'flow')}: {plural(errors, 'error')}, "
+        f"{plural(warnings, 'warning')}"
+    )
 
 
 def _check_exists(services_file: str) -> None:
@@ -179,7 +200,7 @@ def format_problems(problems: list[Problem], fmt: str) -> str:
         for p in problems:
             command = "warning" if p.severity == "warning" else "error"
             where = f"file={_escape_property(p.file)},line={p.line},col={p.column}"
-            message = f"{p.path}: {p.message}" if p.path else p.message
+            message = f"{p.path}: {p.summary}" if p.path else p.summary
             lines.append(f"::{command} {where}::{_escape_data(message)}")
         return "\n".join(lines)
     raise UsageError(f"unknown format '{fmt}'; expected one of: {', '.join(FORMATS)}")
