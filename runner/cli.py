@@ -151,6 +151,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise InterruptedRun(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done: an import stopped halfway leaves its
+    module half made, and the summary written after it would need that module again. Held
+    signals arrive as the block ends, a fraction of a second later."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     redactor = Redactor()
     args.redactor = redactor
@@ -160,8 +173,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     flow_name = str(args.flow)
     try:
         with _collector_paused():
-            _import_aiohttp_without_loading_cas()
-            from .run import load_flow, run_flow
+            with _signals_held():
+                _import_aiohttp_without_loading_cas()
+                from .run import failure_before_run, load_flow, run_flow, write_summary
 
             flow = load_flow(args.flow, args.services)
         flow_name = flow.name
@@ -211,10 +225,7 @@ def _run_loaded(
     except RunnerError as exc:
         if args.summary and not args.dry_run:
             # The summary is written on every exit but --dry-run, so also for a bad flow or bad
-            # inputs found here, before run_flow starts (or before its import was done, when
-            # a signal came first: hence imported here again).
-            from .run import failure_before_run, write_summary
-
+            # inputs found here, before run_flow starts.
             write_summary(args.summary, failure_before_run(flow_name, exc, redactor))
         raise
     from .progress import wanted

@@ -53,12 +53,12 @@ from runner.model import (
     NO_INPUTS,
     AuthAlternative,
     AuthOverride,
-    EnvRead,
     ExpectSpec,
     FieldSpec,
     Flow,
     PaginateSpec,
     PollSpec,
+    Read,
     RequestSpec,
     RuleSpec,
     ServiceSpec,
@@ -360,7 +360,8 @@ class _Compiler:
         self.order: dict[str, int] = {}
         self.lanes: dict[str, tuple[tuple[str, int], ...]] = {}
         self.step: _StepInfo | None = None  # the step being compiled, for the scope checks
-        self.env_reads: list[EnvRead] = []
+        self.env_reads: list[Read] = []
+        self.secret_reads: list[Read] = []
         # The inputs a template may read, when the inputs schema declares the complete list.
         self.inputs = declared_inputs(data.get("inputs"))
 
@@ -507,10 +508,10 @@ class _Compiler:
             return None
         self._check(path, text, compiled, compiled.names, record=record)
         if kept:
-            self._note_template(text, compiled.step_refs)
+            self._note_template(path, text, compiled.step_refs)
             for root, key in sorted(compiled.reads - compiled.guarded_reads):
                 if root == "env":
-                    self.env_reads.append(EnvRead(key, self._where(path)))
+                    self.env_reads.append(Read(key, self._where(path)))
         return compiled
 
     def _where(self, path: Path) -> str:
@@ -595,10 +596,12 @@ class _Compiler:
             text, template.render, names=template.names, step_refs=template.step_refs
         )
 
-    def _note_template(self, text: str, step_refs: frozenset[str]) -> None:
+    def _note_template(self, path: Path, text: str, step_refs: frozenset[str]) -> None:
         self.step_refs.update(step_refs)
         for match in _SECRET_REF.finditer(text):
-            self.secrets.add(next(g for g in match.groups() if g is not None))
+            name = next(g for g in match.groups() if g is not None)
+            self.secrets.add(name)
+            self.secret_reads.append(Read(name, self._where(path)))
 
     # -- the flow ---------------------------------------------------------------------------
 
@@ -651,6 +654,7 @@ class _Compiler:
             secrets=frozenset(self.secrets),
             document=doc,
             env_reads=tuple(self.env_reads),
+            secret_reads=tuple(self.secret_reads),
         )
 
     def _check_parallel_streams(self, data: dict[str, Any]) -> None:
@@ -991,7 +995,7 @@ class _Compiler:
         except ExpressionError as exc:
             self.at_key(path, f"in {name}: {exc.message}")
             return None
-        self._note_template(text, template.step_refs)
+        self._note_template(path, text, template.step_refs)
         return template
 
     def _paginate(self, path: Path, raw: Any) -> PaginateSpec | None:

@@ -226,9 +226,10 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class EnvRead:
-    """An environment variable a template reads without a default (`| default`, `is
-    defined`): it must be set before the first request. `where` is `file:line:col: key`."""
+class Read:
+    """A name a template reads that must exist before the first request: an environment
+    variable read without a default (`| default`, `is defined`), or a secret. `where` is
+    `file:line:col: key.path`."""
 
     name: str
     where: str
@@ -248,8 +249,9 @@ class Flow:
     emitted: frozenset[str]  # every stream some emit names
     secrets: frozenset[str]  # secret names read statically, resolved before the first request
     document: Document = field(repr=False)
-    # Read by templates, checked against the environment before the first request.
-    env_reads: tuple[EnvRead, ...] = ()
+    # Read by templates, checked before the first request, with where they are read.
+    env_reads: tuple[Read, ...] = ()
+    secret_reads: tuple[Read, ...] = ()
 
     def auth_owner(self, service: str) -> str:
         """The service whose auth (token cache, refresh, stored refresh token) `service` uses."""

@@ -486,7 +486,10 @@ async def _run(
     flow = choose_auth(flow, values, environ)
     check_environment(flow, environ)
     secrets = Secrets(environ, redactor)
-    secrets.resolve(flow.secrets)
+    places: dict[str, list[str]] = {}
+    for read in flow.secret_reads:
+        places.setdefault(read.name, []).append(read.where)
+    secrets.resolve(flow.secrets, places)
     outputs = make_outputs(
         sink=sink,
         output=output,

@@ -41,8 +41,11 @@ class Secrets(Mapping[str, str]):
         self._masked = masked  # --dry-run: every secret shows as *** and need not exist
         self._values: dict[str, str] = {}
 
-    def resolve(self, names: Iterable[str]) -> None:
-        """Resolve every name now; all missing ones are reported together (exit 2)."""
+    def resolve(
+        self, names: Iterable[str], where: Mapping[str, Iterable[str]] | None = None
+    ) -> None:
+        """Resolve every name now; all missing ones are reported together (exit 2), with
+        the places that read them when `where` gives them."""
         missing = []
         for name in sorted(names):
             if self._masked:
@@ -53,12 +56,18 @@ class Secrets(Mapping[str, str]):
             else:
                 self._store(name, value)
         if missing:
-            where = f" or a file in ${SECRETS_DIR_VARIABLE}"
+            also = f" or a file in ${SECRETS_DIR_VARIABLE}"
+            places = [
+                f"secret {name} is read at {'; '.join(dict.fromkeys(where[name]))}"
+                for name in missing
+                if where is not None and where.get(name)
+            ]
             raise UsageError(
                 "missing secret"
                 + ("s " if len(missing) > 1 else " ")
                 + ", ".join(missing)
-                + f": set the environment variable{where}"
+                + f": set the environment variable{also}"
+                + "".join("\n" + place for place in places)
             )
 
     def _store(self, name: str, value: str) -> None:

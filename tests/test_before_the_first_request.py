@@ -6,6 +6,7 @@ hints, its closing line and its machine formats."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,11 @@ steps:
     result = cli("run", "flow.yaml")
     assert result.code == 2
     assert "missing secret API_KEY" in result.stderr
+    # The column depends on the server's port: the line and the key are what matter.
+    assert re.search(
+        r"secret API_KEY is read at flow.yaml:6:\d+: steps\[1\].request.headers.X-Key",
+        result.stderr,
+    )
     assert server.requests == []
 
 
