@@ -175,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _collector_paused():
             with _signals_held():
                 _import_aiohttp_without_loading_cas()
-                from .run import failure_before_run, load_flow, run_flow, write_summary
+                from .run import failure_before_run, load_flow, write_summary
 
             flow = load_flow(args.flow, args.services)
         flow_name = flow.name

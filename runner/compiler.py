@@ -380,9 +380,7 @@ class _Compiler:
         offset: int | None = None,
     ) -> None:
         """A problem inside a template or expression, located at its text."""
-        self.problems.append(
-            self.doc.value_problem(path, message, severity, expression, offset)
-        )
+        self.problems.append(self.doc.value_problem(path, message, severity, expression, offset))
 
     def _settle(self, read: Callable[[], _T]) -> _T | None:
         """Plain settings, which the schema has checked. In a document it found errors in, a

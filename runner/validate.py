@@ -153,8 +153,7 @@ def closing_line(problems: Sequence[Problem], flows: int) -> str:
     errors = sum(1 for p in problems if p.severity == "error")
     warnings = len(problems) - errors
     return (
-        f"checked {plural(flows, 'flow')}: {plural(errors, 'error')}, "
-        f"{plural(warnings, 'warning')}"
+        f"checked {plural(flows, 'flow')}: {plural(errors, 'error')}, {plural(warnings, 'warning')}"
     )
 
 
