@@ -243,6 +243,8 @@ def run_flow(
     loop_factory: makes the run's event loop (default: by RUNNER_EVENT_LOOP, uvloop when
         installed); `run_flow` only.
     run_id: names the run (default: its start time and a random suffix).
+    files_dir: folders besides the flow's own that multipart `file:` parts may read from
+        (`--files-dir`).
 
     Called inside a running event loop it raises RuntimeError: await `run_flow_async` there.
     """

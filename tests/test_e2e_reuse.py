@@ -229,7 +229,8 @@ steps:
         "flows/orders.yaml:5:13: defaults.request.service: unknown service 'apx' "
         "(did you mean 'api'?) (in step orders of flows/orders.yaml)"
     )
-    assert len(result.stderr.splitlines()) == 1  # once per flow, not once per step
+    problems = [line for line in result.stderr.splitlines() if not line.startswith("checked ")]
+    assert len(problems) == 1  # once per flow, not once per step
 
 
 def test_include_rules(cli: Cli, tmp_path: Path) -> None:
