@@ -19,12 +19,14 @@ from .errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, InterruptedRun, RunnerErro
 from .redact import Redactor
 
 SINK_VARIABLE = "RUNNER_SINK"
+SHARD_VARIABLE = "RUNNER_SHARD"
 
 if TYPE_CHECKING:
     import ssl
 
     from .model import Flow
     from .record import Recorder
+    from .shard import Shard
 
 log = logging.getLogger("runner")
 
@@ -222,6 +224,12 @@ def _run_loaded(
             raise UsageError("--sink and --output-dir both choose where records go: give one")
         if sink is None and args.output is None and args.output_dir is None:
             sink = os.environ.get(SINK_VARIABLE) or None  # a flag beats the variable
+        shard: Shard | None = None
+        given = args.shard if args.shard is not None else os.environ.get(SHARD_VARIABLE) or None
+        if given is not None:
+            from .shard import parse_shard
+
+            shard = parse_shard(given, "--shard" if args.shard is not None else SHARD_VARIABLE)
     except RunnerError as exc:
         if args.summary and not args.dry_run:
             # The summary is written on every exit but --dry-run, so also for a bad flow or bad
@@ -236,7 +244,7 @@ def _run_loaded(
     result = run_flow(
         flow,
         inputs,
-        output_dir=args.output_dir if args.output_dir is not None else "out",
+        output_dir=args.output_dir,
         output=args.output,
         sink=sink,
         state=args.state,
@@ -248,6 +256,7 @@ def _run_loaded(
         redactor=redactor,
         transport=aiohttp_transport if recorder is None else recorder.wrap(aiohttp_transport),
         files_dir=args.files_dir,
+        shard=shard,
     )
     return result.exit_code
 
@@ -313,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inputs-file", metavar="F", help="inputs as JSON or YAML")
     run.add_argument("--services", metavar="F", help="service settings that override the flow's")
     target = run.add_mutually_exclusive_group()
-    target.add_argument("--output-dir", metavar="D", help="JSONL files in D (default: out/)")
+    target.add_argument(
+        "--output-dir",
+        metavar="D",
+        help="JSONL files in D (default: out/, with --shard out/{shard}/; {shard} is I)",
+    )
     target.add_argument("--output", metavar="-", help="'-': NDJSON records on stdout")
     run.add_argument(
         "--sink",
@@ -321,7 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="sqlite:///path.db, postgresql://user@host/db?schema=s or singer "
         f"(default: ${SINK_VARIABLE}, else the files of --output-dir)",
     )
-    run.add_argument("--state", metavar="F", help="the state file (cursors, refresh tokens)")
+    run.add_argument(
+        "--state", metavar="F", help="the state file (cursors, refresh tokens; {shard} is I)"
+    )
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run shard I of N: the items of shard: true steps whose hash is I mod N "
+        f"(default: ${SHARD_VARIABLE})",
+    )
     run.add_argument("--dry-run", action="store_true", help="render first requests, send none")
     run.add_argument("--record", metavar="F.har", help="keep every exchange in a HAR 1.2 file")
     run.add_argument("--summary", metavar="F", help="write the run summary (JSON) to F")

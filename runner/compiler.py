@@ -114,6 +114,8 @@ _SCOPE_HINTS: Final = {
     "records": "a step's records are 'steps.<id>.records'",
     "record": "'record' is in the scope of a step's `fields` templates only",
 }
+# A for_each that calls now() gives each shard its own items, unless shard_key picks a part.
+_CALLS_NOW: Final = re.compile(r"\bnow\s*\(")
 # `headers.content-type` reads `headers.content` minus `type`: a dashed name needs quotes.
 _DASHED_HEADER: Final = re.compile(r"\bheaders\.([A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)+)")
 # A setting of the wrong shape, in a document the schema already found errors in.
@@ -244,6 +246,7 @@ class _StepInfo:
     siblings: tuple[str, ...]  # ids of the sequence it is in (goto targets)
     in_item: bool  # inside a for_each (the step itself or an enclosing block)
     plain_for_each: bool  # a for_each step without a block
+    outer_for_each: str | None  # the id of the for_each block it is inside, if any
     # The parallel blocks it is inside, each as (the block's id, the index of its child that
     # holds this step): two steps in different children of one block run at the same time.
     lanes: tuple[tuple[str, int], ...] = ()
@@ -257,6 +260,7 @@ def _walk_steps(
     out: dict[Path, _StepInfo],
     lanes: tuple[tuple[str, int], ...] = (),
     parallel: str | None = None,
+    outer: str | None = None,
 ) -> None:
     if not isinstance(steps, list):
         return
@@ -274,15 +278,25 @@ def _walk_steps(
             siblings=siblings,
             in_item=in_item or is_for_each,
             plain_for_each=is_for_each and "steps" not in step,
+            outer_for_each=outer,
             lanes=own_lanes,
             parallel_child=parallel is not None,
         )
         if step.get("parallel") is True and not is_for_each:
             _walk_steps(
-                step.get("steps"), (*spath, "steps"), in_item, out, own_lanes, _id(step) or "?"
+                step.get("steps"),
+                (*spath, "steps"),
+                in_item,
+                out,
+                own_lanes,
+                _id(step) or "?",
+                outer,
             )
         else:
-            _walk_steps(step.get("steps"), (*spath, "steps"), True, out, own_lanes)
+            inner_outer = (_id(step) or "?") if is_for_each else outer
+            _walk_steps(
+                step.get("steps"), (*spath, "steps"), True, out, own_lanes, None, inner_outer
+            )
 
 
 def _id(step: dict[str, Any]) -> str:
@@ -354,6 +368,8 @@ class _Compiler:
         self.schema_paths = [p.path for p in schema if p.severity == "error"]
         self.problems: list[Problem] = []
         self.step_refs: set[str] = set()
+        # The steps.<id> each step's own expressions and templates read, by the step's id.
+        self.refs_of: dict[str, set[str]] = {}
         self.secrets: set[str] = set()
         self.emitted: set[str] = set()
         self.infos: dict[Path, _StepInfo] = {}
@@ -447,6 +463,8 @@ class _Compiler:
             self.at_value(
                 path, "'item' is used outside a for_each: it is undefined here", "warning"
             )
+        if step is not None and compiled.step_refs:
+            self.refs_of.setdefault(step.id, set()).update(compiled.step_refs)
         for ref in sorted(compiled.step_refs):
             if ref not in self.order:
                 hint = did_you_mean(ref, list(self.order))
@@ -625,7 +643,7 @@ class _Compiler:
             if (spec := self._service(str(name), raw)) is not None
         }
         self._check_auth_use(services)
-        steps = self._steps(("steps",), data.get("steps"), services)
+        steps, shard_warnings = self._shards(self._steps(("steps",), data.get("steps"), services))
         outputs = self._outputs(data.get("outputs"))
         for name in _mapping(data.get("outputs")):
             if name not in self.emitted:
@@ -653,6 +671,7 @@ class _Compiler:
             document=doc,
             env_reads=tuple(self.env_reads),
             secret_reads=tuple(self.secret_reads),
+            shard_warnings=tuple(shard_warnings),
         )
 
     def _check_parallel_streams(self, data: dict[str, Any]) -> None:
@@ -849,6 +868,13 @@ class _Compiler:
         inner = self._steps((*path, "steps"), data.get("steps"), services)
         when = self.expression((*path, "when"), data.get("when"), jinja="condition")
         for_each = self.expression((*path, "for_each"), data.get("for_each"), jinja="value")
+        shard_key = self.expression((*path, "shard_key"), data.get("shard_key"), on_record=True)
+        if data.get("shard") is True and for_each is not None:
+            self._check_shard(info, data, for_each, shard_key)
+        elif shard_key is not None:
+            self.at_key(
+                (*path, "shard_key"), "shard_key has no effect without shard: true", "warning"
+            )
         paginate = self._paginate((*path, "paginate"), data.get("paginate"))
         poll = self._poll((*path, "poll"), data.get("poll"))
         rules = tuple(
@@ -887,6 +913,8 @@ class _Compiler:
                 parallel=parallel,
                 concurrency=int(data.get("concurrency", max(1, len(inner)) if parallel else 1)),
                 max_items=data.get("max_items"),
+                shard=data.get("shard") is True and for_each is not None,
+                shard_key=shard_key,
                 max_visits=int(data.get("max_visits", DEFAULT_MAX_VISITS)),
                 max_records=data.get("max_records", DEFAULT_MAX_RECORDS),
                 steps=inner,
@@ -910,6 +938,76 @@ class _Compiler:
             )
 
         return self._settle(read)
+
+    def _check_shard(
+        self,
+        info: _StepInfo,
+        data: dict[str, Any],
+        for_each: Expression,
+        shard_key: Expression | None,
+    ) -> None:
+        """Every shard must compute the same item list, and split it once."""
+        path = info.path
+        if info.outer_for_each is not None:
+            self.at_key(
+                (*path, "shard"),
+                f"shard: true inside the for_each of step '{info.outer_for_each}': only a "
+                "for_each that is not inside another can be sharded (shard the outer one)",
+            )
+        if "state" in for_each.root_names:
+            self.at_value(
+                (*path, "for_each"),
+                "a sharded for_each cannot read state: each shard keeps its own state, so "
+                "the shards would split different item lists",
+            )
+        reads_time = _CALLS_NOW.search(for_each.source) or "run" in for_each.root_names
+        if reads_time and shard_key is None:
+            self.at_key(
+                (*path, "shard"),
+                "the for_each reads the time (now() or run), which each shard reads for itself, "
+                "so their items differ: give shard_key the part of an item that is the same "
+                "in every shard (for windows(): shard_key: start)",
+            )
+
+    def _shards(self, steps: tuple[StepSpec, ...]) -> tuple[tuple[StepSpec, ...], list[str]]:
+        """Marks the steps whose records differ from shard to shard (`in_shard`), and warns
+        of what `--shard` repeats in every shard. Nothing to do without a `shard: true` step."""
+        sharded = {
+            inner.id for s in steps for step in s.walk() if step.shard for inner in step.walk()
+        }
+        if not sharded:
+            return steps, []
+        warnings: list[str] = []
+        varying = set(sharded)
+        by_id = {info.id: info for info in self.infos.values()}
+
+        def mark(step: StepSpec, inherited: bool) -> StepSpec:
+            reads = self.refs_of.get(step.id, set()) & varying
+            in_shard = inherited or step.id in sharded or bool(reads)
+            info = by_id.get(step.id)
+            if in_shard:
+                varying.add(step.id)
+            if reads and not inherited and step.id not in sharded and info is not None:
+                message = (
+                    f"step '{step.id}' reads steps.{sorted(reads)[0]}, which differs from "
+                    "shard to shard: under --shard it sees this shard's part, and every shard "
+                    "writes its records"
+                )
+                self.at_key(info.path, message, "warning")
+                warnings.append(message)
+            if not in_shard and step.request is not None:
+                method = step.request.method
+                if method not in ("GET", "HEAD") and info is not None:
+                    message = (
+                        f"step '{step.id}' sends {method} outside every shard: true step: "
+                        "under --shard each shard sends it (N times)"
+                    )
+                    self.at_key((*info.path, "request"), message, "warning")
+                    warnings.append(message)
+            inner = tuple(mark(s, in_shard) for s in step.steps)
+            return dataclasses.replace(step, steps=inner, in_shard=in_shard)
+
+        return tuple(mark(s, False) for s in steps), warnings
 
     def _request(self, path: Path, raw: Any) -> RequestSpec | None:
         data = _mapping(raw)

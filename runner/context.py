@@ -191,6 +191,13 @@ class RunState:
     clock: Clock
     rng: random.Random | None = None
     warnings: list[str] = field(default_factory=list)
+    # False in shards 1 to N-1: the records of steps outside every `shard: true` step are
+    # shard 0's to write (`StepSpec.in_shard`).
+    writes_outside_shard: bool = True
+
+    def writes(self, step: StepSpec) -> bool:
+        """Whether this run writes the step's emitted records."""
+        return self.writes_outside_shard or step.in_shard
 
     def warn(self, message: str) -> None:
         message = self.redactor.redact(message)

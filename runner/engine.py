@@ -47,6 +47,7 @@ from .paginate import Pagination
 from .redact import Redactor
 from .secrets import Secrets
 from .send import Sender
+from .shard import Shard
 from .transport import TransportFactory
 from .words import plural
 
@@ -82,6 +83,7 @@ class FlowRun:
     clock: Clock = SYSTEM_CLOCK
     rng: random.Random | None = None
     files_dirs: tuple[str, ...] = ()  # --files-dir: folders multipart files may come from
+    shard: Shard | None = None  # --shard: the items of `shard: true` steps this run takes
     stats: Stats = field(default_factory=Stats)
     steps_scope: dict[str, dict[str, Any]] = field(default_factory=dict)
     auth_scope: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +112,12 @@ class FlowRun:
             "run": self.info.scope(),
         }
         self.run_state = RunState(
-            self.redactor, self.steps_scope, self.reports, self.clock, self.rng
+            self.redactor,
+            self.steps_scope,
+            self.reports,
+            self.clock,
+            self.rng,
+            writes_outside_shard=self.shard is None or self.shard.index == 0,
         )
         self.sender = Sender(
             self.flow,
@@ -283,15 +290,42 @@ class FlowRun:
         if step.max_items is not None and len(items) > step.max_items:
             self._cut_short(step)
             items = items[: step.max_items]
+        # Each item keeps its index in the whole list (`item_index`), sharded or not.
+        indexed = list(enumerate(items))
         count = plural(len(items), "item")
+        if step.shard and self.shard is not None:
+            indexed = self._owned(step, indexed)
+            count = f"{len(indexed)} of {count} (shard {self.shard.key})"
         log.info("step %s: %s, concurrency %d", step.id, count, step.concurrency)
-        if step.concurrency <= 1 or len(items) <= 1:
-            for index, item in enumerate(items):
+        if step.concurrency <= 1 or len(indexed) <= 1:
+            for index, item in indexed:
                 await self.run_item(step, ctx, item, index, ctx.sink)
             return
-        await self._run_items_concurrently(step, ctx, items)
+        await self._run_items_concurrently(step, ctx, indexed)
 
-    async def _run_items_concurrently(self, step: StepSpec, ctx: Context, items: list[Any]) -> None:
+    def _owned(self, step: StepSpec, indexed: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """The items of a `shard: true` step that this shard runs."""
+        shard = self.shard
+        assert shard is not None
+        if step.shard_key is None:
+            return [(i, item) for i, item in indexed if shard.owns(item)]
+        key = step.shard_key
+        owned = []
+        for i, item in indexed:
+            value = key.search(item)
+            if value is None:
+                raise RunError(
+                    f"shard_key ({key.source}) is null on item {i}: every item needs a value "
+                    "to be sharded by",
+                    kind="render",
+                ).in_context(item_index=i)
+            if shard.owns(value):
+                owned.append((i, item))
+        return owned
+
+    async def _run_items_concurrently(
+        self, step: StepSpec, ctx: Context, items: list[tuple[int, Any]]
+    ) -> None:
         """`concurrency` workers take items in order; each item's effects are buffered and
         flushed in input order. A worker waits while the oldest unflushed item is `window`
         items behind: memory stays bounded by the window, not by the number of items."""
@@ -317,7 +351,8 @@ class FlowRun:
                 index = next_start
                 next_start += 1
                 sink = buffers[index] = ctx.sink.child()
-                await self.run_item(step, ctx, items[index], index, sink)
+                item_index, item = items[index]
+                await self.run_item(step, ctx, item, item_index, sink)
                 finished.add(index)
                 while next_flush in finished:
                     finished.discard(next_flush)

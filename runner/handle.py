@@ -306,7 +306,7 @@ class Handler:
     ) -> None:
         """A rule's own `set` and `emit` run whatever its action."""
         self.apply_set(step, ctx, rule.set, rscope)
-        if rule.emit:
+        if rule.emit and self.state.writes(step):
             if rule.fields is None:
                 record = rscope["body"]
             else:

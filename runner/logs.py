@@ -27,6 +27,7 @@ log = logging.getLogger("runner")
 FIELDS = (
     "run_id",
     "flow",
+    "shard",
     "step",
     "item_index",
     "method",
@@ -37,18 +38,19 @@ FIELDS = (
     "duration_ms",
     "records",
 )
-_CONTEXT_FIELDS = ("run_id", "flow", "step", "item_index")
+_CONTEXT_FIELDS = ("run_id", "flow", "shard", "step", "item_index")
 
 
 class _Run:
     """The run being logged; `latest_step` is the step started last in any task (shown by
     the progress line)."""
 
-    __slots__ = ("flow", "latest_step", "run_id")
+    __slots__ = ("flow", "latest_step", "run_id", "shard")
 
     def __init__(self, run_id: str, flow: str) -> None:
         self.run_id = run_id
         self.flow = flow
+        self.shard: str | None = None  # `I/N` under --shard
         self.latest_step: str | None = None
 
 
@@ -115,6 +117,8 @@ class _ContextFilter(logging.Filter):
         if run is not None:
             record.run_id = run.run_id
             record.flow = run.flow
+            if run.shard is not None:
+                record.shard = run.shard
         step = _STEP.get()
         if step is not None:
             if not hasattr(record, "step"):
@@ -203,10 +207,17 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`runner: INFO: message` for people; the fields are already in the message's words."""
+    """`runner: INFO: message` for people; the fields are already in the message's words.
+    A shard's lines say which shard they are from: `runner 1/4: INFO: message`."""
 
     def __init__(self) -> None:
         super().__init__("runner: %(levelname)s: %(message)s")
+        self._sharded = logging.Formatter("runner %(shard)s: %(levelname)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.__dict__.get("shard"), str):
+            return self._sharded.format(record)
+        return super().format(record)
 
 
 class Handler(logging.StreamHandler[TextIO]):

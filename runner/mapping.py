@@ -68,7 +68,8 @@ class Mapper:
         if step.emit:
             if step.fields is None and step.reshape is None:
                 records = [r if isinstance(r, dict) else {"value": r} for r in records]
-            ctx.sink.emit_many(step.emit, records)
+            if self.state.writes(step):
+                ctx.sink.emit_many(step.emit, records)
         if step.referenced:
             report = self.reports[step.id]
             report.kept += len(records)

@@ -158,6 +158,13 @@ class StepSpec:
     parallel: bool = False  # `steps` run at the same time, at most `concurrency` at once
     concurrency: int = 1
     max_items: int | None = None
+    # Under --shard, a for_each with `shard: true` runs the items this shard owns, by the hash
+    # of the item or of `shard_key` on it (runner/shard.py).
+    shard: bool = False
+    shard_key: Expression | None = None
+    # Its records differ from shard to shard (it is, or is inside, a `shard: true` step, or it
+    # reads one's steps.<id>): every shard writes them, not shard 0 alone.
+    in_shard: bool = False
     max_visits: int = DEFAULT_MAX_VISITS
     max_records: int | None = DEFAULT_MAX_RECORDS  # kept for steps.<id>.records
     steps: tuple[StepSpec, ...] = ()
@@ -252,6 +259,9 @@ class Flow:
     # Read by templates, checked before the first request, with where they are read.
     env_reads: tuple[Read, ...] = ()
     secret_reads: tuple[Read, ...] = ()
+    # What `--shard` warns of: steps outside every `shard: true` step that send an unsafe
+    # method (N times) or read a sharded step's values (validate warns of them too).
+    shard_warnings: tuple[str, ...] = ()
 
     def auth_owner(self, service: str) -> str:
         """The service whose auth (token cache, refresh, stored refresh token) `service` uses."""
@@ -265,6 +275,11 @@ class Flow:
     @property
     def streams(self) -> frozenset[str]:
         return self.emitted | frozenset(self.outputs)
+
+    @property
+    def sharded(self) -> bool:
+        """Some for_each step has `shard: true`: `--shard` can split it."""
+        return any(step.shard for step in self.all_steps())
 
 
 _STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*-\s*(\d{3})\s*$")

@@ -45,6 +45,7 @@ from .outputs.sinks import make_outputs
 from .progress import Progress
 from .redact import Redactor
 from .secrets import Secrets
+from .shard import DEFAULT_OUTPUT_DIR, PLACEHOLDER, Shard, cursors_for, parse_shard
 from .transport import TransportFactory
 from .validate import load_services_override
 from .words import plural
@@ -145,6 +146,34 @@ def check_environment(flow: Flow, environ: Mapping[str, str]) -> None:
         raise UsageError("\n".join(lines))
 
 
+def _shard_paths(
+    flow: Flow, shard: Shard | None, output_dir: str | None, state_path: str | None
+) -> tuple[str, str | None]:
+    """--output-dir and --state with `{shard}` filled in; exit 2 for `--shard` on a flow
+    without a `shard: true` step, or `{shard}` without `--shard`."""
+    if shard is None:
+        for flag, path in (("--output-dir", output_dir), ("--state", state_path)):
+            if path is not None and PLACEHOLDER in path:
+                raise UsageError(f"{flag} {path}: {PLACEHOLDER} needs --shard I/N")
+        return output_dir if output_dir is not None else "out", state_path
+    if not flow.sharded:
+        raise UsageError(
+            f"--shard {shard.key}: flow '{flow.name}' has no for_each step with shard: true, "
+            "so every shard would run all of it; mark the for_each to split with shard: true"
+        )
+    directory = shard.fill(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR)
+    return directory, shard.fill(state_path) if state_path is not None else None
+
+
+def sharded_streams(flow: Flow) -> frozenset[str]:
+    """The streams that steps inside (or reading) a `shard: true` step emit."""
+    names: set[str] = set()
+    for step in flow.all_steps():
+        if step.in_shard:
+            names.update(s for s in (step.emit, *(r.emit for r in step.on_status)) if s)
+    return frozenset(names)
+
+
 def check_services_before_run(flow: Flow, run: FlowRun) -> None:
     """A templated base_url that renders from static names is checked for plain http now."""
     from urllib.parse import urlsplit
@@ -197,7 +226,7 @@ def run_flow(
     flow: Flow | str | os.PathLike[str],
     inputs: Mapping[str, Any] | None = None,
     *,
-    output_dir: str = "out",
+    output_dir: str | None = None,
     output: str | None = None,
     sink: str | None = None,
     state: str | None = None,
@@ -216,13 +245,15 @@ def run_flow(
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     run_id: str | None = None,
     files_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    shard: str | Shard | None = None,
 ) -> RunResult:
     """Run a flow as `runner run` does, in an event loop of its own; never raises for a
     failed run: the outcome is in the returned RunResult.
 
     flow: a Flow from `load_flow`, or the path of a flow file (loaded with `services`).
     inputs: the run's inputs, checked against the flow's inputs schema (defaults filled in).
-    output_dir: where the JSONL files and the manifest go (default `out`).
+    output_dir: where the JSONL files and the manifest go (default `out`, with a shard
+        `out/{shard}`); `{shard}` becomes the shard's index.
     output: `"-"` writes the records as NDJSON to `stdout` instead of files.
     sink: a destination URL (`sqlite:///path.db`, `postgresql://...`, `singer`) instead of files.
     state: the state file (cursors, refresh tokens), read at the start, written on success.
@@ -245,6 +276,8 @@ def run_flow(
     run_id: names the run (default: its start time and a random suffix).
     files_dir: folders besides the flow's own that multipart `file:` parts may read from
         (`--files-dir`).
+    shard: `"I/N"` (or a Shard): run shard I of N of the flow's `shard: true` steps
+        (`--shard`, docs/SCALING.md); `{shard}` in output_dir and state becomes I.
 
     Called inside a running event loop it raises RuntimeError: await `run_flow_async` there.
     """
@@ -273,7 +306,7 @@ def run_flow(
                 dry_run=dry_run, summary=summary, timeout=timeout, services=services,
                 environ=environ, stdout=stdout, progress=progress,
                 handle_signals=handle_signals, redactor=redactor, transport=transport,
-                clock=clock, rng=rng, run_id=run_id, files_dir=files_dir,
+                clock=clock, rng=rng, run_id=run_id, files_dir=files_dir, shard=shard,
             )
         )  # fmt: skip
 
@@ -282,7 +315,7 @@ async def run_flow_async(
     flow: Flow | str | os.PathLike[str],
     inputs: Mapping[str, Any] | None = None,
     *,
-    output_dir: str = "out",
+    output_dir: str | None = None,
     output: str | None = None,
     sink: str | None = None,
     state: str | None = None,
@@ -301,6 +334,7 @@ async def run_flow_async(
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     run_id: str | None = None,
     files_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    shard: str | Shard | None = None,
 ) -> RunResult:
     """`run_flow` for hosts that already run an event loop (Jupyter, FastAPI, async Airflow
     tasks): the same parameters and the same RunResult, run in the caller's loop.
@@ -322,6 +356,7 @@ async def run_flow_async(
             progress=progress, handle_signals=handle_signals,
             redactor=redactor if redactor is not None else Redactor(),
             transport=transport, clock=clock, rng=rng, run_id=run_id, files_dir=files_dir,
+            shard=shard,
         )  # fmt: skip
 
 
@@ -343,7 +378,7 @@ async def _execute(
     flow: Flow | str | os.PathLike[str],
     inputs: Mapping[str, Any] | None,
     *,
-    output_dir: str,
+    output_dir: str | None,
     output: str | None,
     sink: str | None,
     state: str | None,
@@ -361,6 +396,7 @@ async def _execute(
     rng: random.Random | None,
     run_id: str | None,
     files_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    shard: str | Shard | None,
 ) -> RunResult:
     started_at = clock.now()
     run_id = run_id or new_run_id(started_at)
@@ -368,8 +404,11 @@ async def _execute(
     flow_name = str(flow) if not isinstance(flow, Flow) else flow.name
     began = clock.monotonic()
     runner_state: dict[str, Any] = {"run": None}
+    part: Shard | None = None
     with logs.run_context(run_id, flow_name) as logged:
         try:
+            part = shard if isinstance(shard, Shard) or shard is None else parse_shard(shard)
+            logged.shard = part.key if part is not None else None
             if not isinstance(flow, Flow):
                 flow = load_flow(flow, services)
             elif services is not None:
@@ -387,7 +426,7 @@ async def _execute(
             result = await _run(
                 flow, inputs, output_dir, output, sink, state, timeout, environ, out, redactor,
                 run_id, started_at, runner_state, handle_signals, progress, transport, clock,
-                rng, _folders(files_dir),
+                rng, _folders(files_dir), part,
             )  # fmt: skip
             error = None
             exit_code = result
@@ -420,6 +459,7 @@ async def _execute(
             run,
             error,
             redactor,
+            part,
         )
         if summary:
             write_summary(summary, summary_data)
@@ -465,7 +505,7 @@ def exit_code_of(error: RunnerError) -> int:
 async def _run(
     flow: Flow,
     inputs: Mapping[str, Any] | None,
-    output_dir: str,
+    output_dir: str | None,
     output: str | None,
     sink: str | None,
     state_path: str | None,
@@ -482,8 +522,10 @@ async def _run(
     clock: Clock,
     rng: random.Random | None,
     files_dirs: tuple[str, ...] = (),
+    shard: Shard | None = None,
 ) -> int:
     run_started = clock.monotonic()
+    output_dir, state_path = _shard_paths(flow, shard, output_dir, state_path)
     values = prepare_inputs(flow, inputs)
     flow = choose_auth(flow, values, environ)
     check_environment(flow, environ)
@@ -505,11 +547,13 @@ async def _run(
         out=out,
         environ=environ,
         redactor=redactor,
+        shard=shard.key if shard is not None else None,
     )
     outputs.acquire()
     try:
         saved = outputs.state.load() if outputs.state is not None else {}
-        saved_streams = saved.get("streams") or {}
+        # This run's own cursors; where it has none, the smallest another shard layout kept.
+        saved_streams = cursors_for(saved, shard, flow.outputs)
         state_scope = state_view(
             flow.outputs, saved_streams, set(flow.streams) | set(saved_streams)
         )
@@ -528,8 +572,12 @@ async def _run(
             rng=rng,
             seen_filters=seen_filters(flow.outputs, saved_streams),
             files_dirs=files_dirs,
+            shard=shard,
         )
         holder["run"] = run
+        if shard is not None:
+            for warning in flow.shard_warnings:
+                run.warn(warning)
         check_services_before_run(flow, run)
         outputs.open()
         try:
@@ -553,6 +601,10 @@ async def _run(
         for stream, seen in run.seen_filters.items():
             if cursors.get(stream) is not None:
                 cursors[stream] = seen.state(cursors[stream])
+        if not run.run_state.writes_outside_shard:
+            # Shard 0 keeps the cursors of the streams written outside the sharded steps.
+            kept = sharded_streams(flow)
+            cursors = {name: cursor for name, cursor in cursors.items() if name in kept}
         outputs.commit(cursors, frozenset(run.cut_short_streams))
         total = sum(outputs.counts.values())
         log.info(
@@ -667,6 +719,7 @@ def _summary(
     run: FlowRun | None,
     error: RunnerError | None,
     redactor: Redactor,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     error_data: dict[str, Any] | None = None
     if error is not None:
@@ -685,6 +738,7 @@ def _summary(
     data: dict[str, Any] = {
         "run_id": run_id,
         "flow": flow_name,
+        "shard": shard.key if shard is not None else None,
         "status": status,
         "exit_code": exit_code,
         "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),

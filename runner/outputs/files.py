@@ -96,9 +96,11 @@ class FileOutputs(Outputs):
         emitted: Iterable[str],
         started_at: datetime,
         state: StateStore | None = None,
+        shard: str | None = None,
     ) -> None:
         super().__init__(streams)
         self.state = self._store = state
+        self.shard = shard
         self._lock_fd: int | None = None
         if started_at.tzinfo is None:
             started_at = started_at.replace(tzinfo=UTC)
@@ -268,6 +270,7 @@ class FileOutputs(Outputs):
             ) from exc
         manifest = {
             "run_id": self.run_id,
+            "shard": self.shard,
             "finished_at": _utc_now_iso(),
             "streams": manifest_streams,
         }

@@ -175,7 +175,9 @@ class PostgresOutputs(SqlOutputs):
                 raise LockedError(
                     f"another run of flow '{self.flow}' holds its lock in PostgreSQL "
                     f"(schema {self.schema})"
+                    + (f" for shard {self.shard}" if self.shard != UNSHARDED else "")
                 )
+            self._lock_layout(conn)
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._name(STATE_TABLE)} ("
@@ -189,6 +191,30 @@ class PostgresOutputs(SqlOutputs):
             raise UnavailableError(f"PostgreSQL: {exc}", kind="destination") from exc
         except psycopg.Error as exc:
             raise UsageError(f"PostgreSQL: cannot prepare schema {self.schema}: {exc}") from exc
+
+    def _lock_layout(self, conn: psycopg.Connection[Any]) -> None:
+        """Shards of one layout (the same N) run side by side; an unsharded run and shards of
+        another N would keep cursors the others do not see, so they exclude each other. Each
+        run holds a shared lock on (flow, N), 0 when unsharded, then looks for another N's:
+        of two that start at once, each sees the other and both exit 75, none goes on."""
+        layout = _lock_key("layout", self.schema, self.flow) & 0x7FFFFFFF
+        count = int(self.shard.rpartition("/")[2]) if self.shard != UNSHARDED else 0
+        conn.execute("SELECT pg_try_advisory_lock_shared(%s::int4, %s::int4)", (layout, count))
+        row = conn.execute(
+            "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 2 AND classid::bigint = %s AND objid::bigint <> %s "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "LIMIT 1",
+            (layout, count),
+        ).fetchone()
+        if row is not None:
+            other = f"{row[0]} shards" if row[0] else "an unsharded run"
+            mine = f"{count} shards" if count else "an unsharded run"
+            raise LockedError(
+                f"flow '{self.flow}' is being run as {other} in PostgreSQL (schema "
+                f"{self.schema}), and this run is {mine}: one layout at a time; run this one "
+                "when those have finished"
+            )
 
     def _drop_dead_staging(self) -> None:
         """Staging tables of this flow and shard from runs that died: the lock is ours, so
@@ -216,16 +242,19 @@ class PostgresOutputs(SqlOutputs):
 
     # -- state ------------------------------------------------------------------------------
 
-    def read_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        streams: dict[str, Any] = {}
+    def read_state(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        streams: dict[str, dict[str, Any]] = {}
         auth: dict[str, Any] = {}
         rows = self.conn.execute(
-            f"SELECT kind, name, value FROM {self._name(STATE_TABLE)} WHERE flow = %s "
-            "AND ((kind = 'stream' AND shard = %s) OR kind = 'auth')",
-            (self.flow, self.shard),
+            f"SELECT shard, kind, name, value FROM {self._name(STATE_TABLE)} WHERE flow = %s "
+            "AND kind IN ('stream', 'auth')",
+            (self.flow,),
         ).fetchall()
-        for kind, name, value in rows:
-            (streams if kind == "stream" else auth)[name] = value
+        for shard, kind, name, value in rows:
+            if kind == "stream":
+                streams.setdefault(shard, {})[name] = value
+            else:
+                auth[name] = value
         return streams, auth
 
     def save_refresh_token(self, service: str, token: str) -> None:

@@ -76,9 +76,11 @@ class SingerOutputs(Outputs):
         emitted: Iterable[str],
         out: TextIO = sys.stdout,
         state: StateStore | None = None,
+        shard: str | None = None,
     ) -> None:
         super().__init__(streams)
         self.state = self._store = state
+        self.shard = shard  # `I/N`: the STATE message holds this shard's cursors
         self._out = out
         self._specs = dict(streams)
         self._declared = sorted({*streams, *emitted})
@@ -156,11 +158,15 @@ class SingerOutputs(Outputs):
             if name not in self._announced:  # an emitted stream that got no record
                 self._schema_message(name)
         old = self._store.load() if self._store is not None else {"streams": {}}
-        streams = {name: dict(entry) for name, entry in (old.get("streams") or {}).items()}
+        own = old.get("streams") if self.shard is None else old.get("shards", {}).get(self.shard)
+        streams = {name: dict(entry) for name, entry in (own or {}).items()}
         for name, cursor in (cursors or {}).items():
             if cursor is not None:
                 streams.setdefault(name, {}).update(state_entry(cursor))
-        self._send({"type": "STATE", "value": {"version": STATE_VERSION, "streams": streams}})
+        value: dict[str, Any] = {"version": STATE_VERSION, "streams": streams}
+        if self.shard is not None:  # the state file's shape: a shard's cursors under its key
+            value = {"version": STATE_VERSION, "shards": {self.shard: streams}}
+        self._send({"type": "STATE", "value": value})
         self._flush()
         if self._store is not None and cursors is not None:
             self._store.save_streams(cursors)

@@ -17,6 +17,7 @@ from runner.redact import Redactor
 from .base import Outputs
 from .files import FileOutputs, StdoutOutputs
 from .records import StreamSpec
+from .sql import UNSHARDED
 from .state import StateStore
 
 SCHEMES = ("sqlite", "postgresql", "postgres", "singer")
@@ -101,24 +102,29 @@ def make_outputs(
     out: TextIO,
     environ: Mapping[str, str],
     redactor: Redactor,
+    shard: str | None = None,
 ) -> Outputs:
-    """The run's destination, not yet acquired or opened."""
-    store = StateStore(state_path) if state_path else None
+    """The run's destination, not yet acquired or opened. `shard` (`I/N`) is the key its
+    cursors are kept under, and what the manifest names."""
+    store = StateStore(state_path, shard=shard) if state_path else None
     if sink is None:
         if output == "-":
             return StdoutOutputs(streams, out, state=store)
-        return FileOutputs(output_dir, run_id, streams, emitted, started_at, state=store)
+        return FileOutputs(
+            output_dir, run_id, streams, emitted, started_at, state=store, shard=shard
+        )
     parsed = check_sink(sink, output, state_path, environ, redactor)
     if parsed.kind == "singer":
         from .singer import SingerOutputs
 
-        return SingerOutputs(streams, emitted, out, state=store)
+        return SingerOutputs(streams, emitted, out, state=store, shard=shard)
+    key = shard if shard is not None else UNSHARDED
     if parsed.kind == "sqlite":
         from .sqlite import SqliteOutputs
 
-        return SqliteOutputs(parsed.path, streams, emitted, flow=flow, run_id=run_id)
+        return SqliteOutputs(parsed.path, streams, emitted, flow=flow, run_id=run_id, shard=key)
     from .postgres import PostgresOutputs
 
     return PostgresOutputs(
-        parsed.url, parsed.schema, streams, emitted, environ, flow=flow, run_id=run_id
+        parsed.url, parsed.schema, streams, emitted, environ, flow=flow, run_id=run_id, shard=key
     )

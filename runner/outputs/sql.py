@@ -53,8 +53,16 @@ class DatabaseState:
         pass
 
     def load(self) -> dict[str, Any]:
-        streams, auth = self._outputs.read_state()
-        self._loaded = {"version": STATE_VERSION, "streams": streams, "auth": auth}
+        """The state file's shape: the unsharded run's cursors in `streams`, each shard's
+        under `shards`, whichever this run is (it starts from another's where it has none)."""
+        by_shard, auth = self._outputs.read_state()
+        shards = {key: streams for key, streams in by_shard.items() if key != UNSHARDED}
+        self._loaded = {
+            "version": STATE_VERSION,
+            "streams": by_shard.get(UNSHARDED, {}),
+            "shards": shards,
+            "auth": auth,
+        }
         return self._loaded
 
     def refresh_token(self, service: str) -> str | None:
@@ -109,8 +117,9 @@ class SqlOutputs(Outputs):
         """Roll back what is open, drop this run's staging if it can, disconnect."""
 
     @abstractmethod
-    def read_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(streams, auth) of this flow and shard from `_runner_state`."""
+    def read_state(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """(shard -> stream -> entry, auth) of this flow from `_runner_state`: every shard's
+        cursors (`''` for unsharded runs)."""
 
     @abstractmethod
     def save_refresh_token(self, service: str, token: str) -> None: ...

@@ -154,16 +154,19 @@ class SqliteOutputs(SqlOutputs):
 
     # -- state ------------------------------------------------------------------------------
 
-    def read_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        streams: dict[str, Any] = {}
+    def read_state(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        streams: dict[str, dict[str, Any]] = {}
         auth: dict[str, Any] = {}
         rows = self.db.execute(
             f"SELECT shard, kind, name, value FROM {STATE_TABLE} WHERE flow = ? "
-            "AND ((kind = 'stream' AND shard = ?) OR kind = 'auth')",
-            (self.flow, self.shard),
+            "AND kind IN ('stream', 'auth')",
+            (self.flow,),
         )
-        for _shard, kind, name, value in rows:
-            (streams if kind == "stream" else auth)[name] = json.loads(value)
+        for shard, kind, name, value in rows:
+            if kind == "stream":
+                streams.setdefault(shard, {})[name] = json.loads(value)
+            else:
+                auth[name] = json.loads(value)
         return streams, auth
 
     def save_refresh_token(self, service: str, token: str) -> None:

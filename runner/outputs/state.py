@@ -1,8 +1,9 @@
 """The state of a flow between runs: the `--state` file, and the protocol that a database
 destination's state store follows too.
 
-Its shape: `{"version": 1, "streams": {"<stream>": {"cursor": ...}}, "auth": {"<service>":
-{"refresh_token": ...}}}`; only `streams` is tied to successful runs.
+Its shape: `{"version": 1, "streams": {"<stream>": {"cursor": ...}}, "shards": {"I/N":
+{"<stream>": {"cursor": ...}}}, "auth": {"<service>": {"refresh_token": ...}}}`; `streams`
+and `shards` (one entry a shard, written by `--shard` runs) are tied to successful runs.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class StateStore:
     runs from overlapping; the lock file is never deleted, since deleting it would race.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, shard: str | None = None) -> None:
         self.path = path
+        self.shard = shard  # `I/N`: this run's cursors go to `shards`, not `streams`
         self.lock_path = path + ".lock"
         self._lock_fd: int | None = None
         self._state: dict[str, Any] | None = None
@@ -131,6 +133,14 @@ class StateStore:
             value = data.setdefault(part, {})
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 raise UsageError(f"state file {self.path}: '{part}' must map names to objects")
+        shards = data.get("shards", {})
+        if not isinstance(shards, dict) or not all(
+            isinstance(streams, dict) and all(isinstance(v, dict) for v in streams.values())
+            for streams in shards.values()
+        ):
+            raise UsageError(
+                f"state file {self.path}: 'shards' must map each shard (I/N) to its streams"
+            )
         data["version"] = STATE_VERSION
         return data
 
@@ -166,9 +176,12 @@ class StateStore:
         A None cursor writes nothing for that stream (it has no state yet).
         """
         state = self._read()
+        own = state["streams"]
+        if self.shard is not None:
+            own = state.setdefault("shards", {}).setdefault(self.shard, {})
         for stream, cursor in cursors.items():
             if cursor is not None:
-                state["streams"].setdefault(stream, {}).update(state_entry(cursor))
+                own.setdefault(stream, {}).update(state_entry(cursor))
         self._write(state)
 
     def save_refresh_token(self, service: str, token: str) -> None:
