@@ -515,3 +515,44 @@ def test_postgres_layouts_exclude_each_other(postgres_url: str) -> None:
         blocked.release()
     finally:
         free.release()
+
+
+def test_a_sqlite_destination_keeps_each_layouts_rows(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    shop = Shop()
+    server = serve(shop.app())
+    write_flow(SHARDED)
+    sink = ["--sink", "sqlite:///shop.db"]
+    assert run(cli, server, *sink).code == 0
+    top = str(max(shop.ids) + 1)
+    shop.queries.clear()
+    for i in range(2):
+        result = run(cli, server, *sink, "--shard", f"{i}/2")
+        assert result.code == 0, result.stderr
+    assert {q["since"] for q in shop.queries.values()} == {top}  # from the unsharded row
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        rows = db.execute(
+            "SELECT shard, name FROM _runner_state WHERE kind = 'stream' ORDER BY shard"
+        ).fetchall()
+        count = db.execute("SELECT count(*) FROM orders").fetchone()[0]
+    assert rows == [("", "orders"), ("0/2", "orders"), ("1/2", "orders")]
+    assert count == 2 * CUSTOMERS  # merged by key: the shards' rows are the unsharded run's
+
+
+def test_singer_state_names_the_shard(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    server = serve(Shop().app())
+    write_flow(SHARDED)
+    result = run(cli, server, "--sink", "singer", "--shard", "1/2", "--state", "st.json")
+    assert result.code == 0, result.stderr
+    messages = [json.loads(line) for line in result.stdout.splitlines()]
+    state = [m["value"] for m in messages if m["type"] == "STATE"]
+    assert list(state[-1]["shards"]) == ["1/2"]
+    assert "streams" not in state[-1]
+    assert state[-1]["shards"]["1/2"] == state_file(tmp_path, "st.json")["shards"]["1/2"]
+    records = [m for m in messages if m["type"] == "RECORD"]
+    assert records and {m["stream"] for m in records} == {"orders"}
