@@ -556,3 +556,37 @@ def test_singer_state_names_the_shard(
     assert state[-1]["shards"]["1/2"] == state_file(tmp_path, "st.json")["shards"]["1/2"]
     records = [m for m in messages if m["type"] == "RECORD"]
     assert records and {m["stream"] for m in records} == {"orders"}
+
+
+def test_month_windows_up_to_now_split_by_their_start(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    starts: list[str] = []
+
+    async def window(request: web.Request) -> web.Response:
+        starts.append(request.query["start"])
+        return web.json_response({"start": request.query["start"]})
+
+    server = serve(app_with(("GET", "/w", window)))
+    write_flow(
+        HEAD
+        + """\
+steps:
+  - id: months
+    for_each: "{{ windows('2023-01-01T00:00:00Z', now(), 'P1M') }}"
+    shard: true
+    shard_key: start
+    request: {service: api, path: /w, query: {start: "{{ item.start }}"}}
+"""
+    )
+    assert run(cli, server, "--output-dir", "whole").code == 0
+    whole = sorted(starts)
+    assert len(whole) >= 36 and len(set(whole)) == len(whole)
+    starts.clear()
+    parts = []
+    for i in range(3):
+        assert run(cli, server, "--shard", f"{i}/3").code == 0
+        parts.append({s for s in starts if s not in set().union(*parts)})
+    assert sorted(starts) == whole  # each window once, in one shard
+    for i, part in enumerate(parts):
+        assert part == {s for s in whole if owner(s, 3) == i}
