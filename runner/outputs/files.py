@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from runner.codec import json_dumps_line, json_dumps_line_bytes
 from runner.errors import LockedError, RunError, UsageError
 
 from .base import Outputs
+from .lockfile import lock_file, unlock_file
 from .records import STREAM_NAME, StreamSpec
 
 if TYPE_CHECKING:
@@ -131,27 +131,20 @@ class FileOutputs(Outputs):
         """Lock the folder (a second run into it exits 75), then remove the partial files that
         dead runs left there: while the lock is held, no other run writes into the folder."""
         super().acquire()
-        lock_path = os.path.join(self.directory, LOCK_NAME)
+        not_writable = f"output directory {self.directory} is not writable"
         try:
-            os.makedirs(self.directory, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except OSError as exc:
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"{not_writable}: {exc.strerror or exc}") from exc
+            self._lock_fd = lock_file(
+                os.path.join(self.directory, LOCK_NAME),
+                f"writes into the output directory {self.directory}",
+                not_writable,
+            )
+        except (UsageError, LockedError):
             super().release()
-            raise UsageError(
-                f"output directory {self.directory} is not writable: {exc.strerror or exc}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            super().release()
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError(
-                    f"another run writes into the output directory {self.directory} "
-                    f"(lock {lock_path})"
-                ) from exc
-            raise UsageError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
-        self._lock_fd = fd
+            raise
         with contextlib.suppress(OSError):
             for name in os.listdir(self.directory):
                 if _PARTIAL.fullmatch(name) and f".{self.run_id}." not in name:
@@ -161,9 +154,7 @@ class FileOutputs(Outputs):
     def release(self) -> None:
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            unlock_file(fd)
         super().release()
 
     def describe(self) -> str:

@@ -10,8 +10,6 @@ beside the database (`path.db.lock`) keeps two runs of the flow apart.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import sqlite3
@@ -19,8 +17,9 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from runner.errors import LockedError, RunError, UnavailableError, UsageError
+from runner.errors import RunError, UnavailableError, UsageError
 
+from .lockfile import lock_file, unlock_file
 from .records import StreamSpec, state_entry
 from .sql import STATE_TABLE, UNSHARDED, SqlOutputs, write_mode
 from .tables import (
@@ -95,25 +94,9 @@ class SqliteOutputs(SqlOutputs):
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise UsageError(f"sqlite:///{self.path}: the folder {folder} does not exist")
-        try:
-            fd = os.open(
-                self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666
-            )
-        except OSError as exc:
-            raise UsageError(
-                f"cannot open the lock file {self.lock_path}: {exc.strerror or exc}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError(
-                    f"another run of flow '{self.flow}' holds the database {self.path} "
-                    f"(lock {self.lock_path})"
-                ) from exc
-            raise UsageError(f"cannot lock {self.lock_path}: {exc.strerror or exc}") from exc
-        self._lock_fd = fd
+        self._lock_fd = lock_file(
+            self.lock_path, f"of flow '{self.flow}' holds the database {self.path}"
+        )
         try:
             # autocommit (isolation_level=None): every transaction is begun explicitly.
             db = sqlite3.connect(
@@ -148,9 +131,7 @@ class SqliteOutputs(SqlOutputs):
             db.close()  # TEMP staging tables go with the connection
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            unlock_file(fd)
 
     # -- state ------------------------------------------------------------------------------
 

@@ -9,16 +9,15 @@ and `shards` (one entry a shard, written by `--shard` runs) are tied to successf
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from runner.errors import LockedError, UsageError
+from runner.errors import UsageError
 
 from .files import atomic_write, io_error
+from .lockfile import lock_file, unlock_file
 from .records import STATE_VERSION, state_entry
 
 
@@ -62,25 +61,12 @@ class StateStore:
         if self._lock_fd is not None:
             return
         try:
-            directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(
-                self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666
-            )
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         except OSError as exc:
             raise UsageError(
                 f"cannot open the lock file {self.lock_path}: {exc.strerror or exc}"
             ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError(
-                    f"another run holds the state file {self.path} (lock {self.lock_path})"
-                ) from exc
-            raise UsageError(f"cannot lock {self.lock_path}: {exc.strerror or exc}") from exc
-        self._lock_fd = fd
+        self._lock_fd = lock_file(self.lock_path, f"holds the state file {self.path}")
         self._remove_stale_temp_files()
 
     def _remove_stale_temp_files(self) -> None:
@@ -97,9 +83,7 @@ class StateStore:
         if self._lock_fd is None:
             return
         fd, self._lock_fd = self._lock_fd, None
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        unlock_file(fd)
 
     def __enter__(self) -> StateStore:
         self.acquire()
