@@ -590,3 +590,32 @@ steps:
     assert sorted(starts) == whole  # each window once, in one shard
     for i, part in enumerate(parts):
         assert part == {s for s in whole if owner(s, 3) == i}
+
+
+def test_eight_shards_prepare_one_fresh_schema_at_once(postgres_url: str) -> None:
+    import threading
+
+    from runner.outputs.postgres import PostgresOutputs
+
+    failures: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def start(i: int) -> None:
+        outputs = PostgresOutputs(
+            postgres_url, "fresh", SPECS, ["orders"], {}, flow="shop", run_id=f"r{i}",
+            shard=f"{i}/8",
+        )  # fmt: skip
+        barrier.wait()
+        try:
+            outputs.acquire()
+        except Exception as exc:  # each failure is the test's finding
+            failures.append(repr(exc))
+        finally:
+            outputs.release()
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []

@@ -178,14 +178,20 @@ class PostgresOutputs(SqlOutputs):
                     + (f" for shard {self.shard}" if self.shard != UNSHARDED else "")
                 )
             self._lock_layout(conn)
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self._name(STATE_TABLE)} ("
-                "flow TEXT NOT NULL, shard TEXT NOT NULL, kind TEXT NOT NULL, "
-                "name TEXT NOT NULL, value JSONB NOT NULL, run_id TEXT, "
-                "updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), "
-                "PRIMARY KEY (flow, shard, kind, name))"
-            )
+            # Shards start at once: two `CREATE ... IF NOT EXISTS` of one name at the same
+            # moment can both try, and one fails on the catalog's unique index.
+            with conn.transaction():
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s)", (_lock_key("schema", self.schema),)
+                )
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._name(STATE_TABLE)} ("
+                    "flow TEXT NOT NULL, shard TEXT NOT NULL, kind TEXT NOT NULL, "
+                    "name TEXT NOT NULL, value JSONB NOT NULL, run_id TEXT, "
+                    "updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), "
+                    "PRIMARY KEY (flow, shard, kind, name))"
+                )
             self._drop_dead_staging()
         except psycopg.OperationalError as exc:
             raise UnavailableError(f"PostgreSQL: {exc}", kind="destination") from exc
