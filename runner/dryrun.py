@@ -18,6 +18,7 @@ from .outputs import StateStore, StdoutOutputs
 from .paginate import Pagination
 from .redact import MASK, Redactor
 from .secrets import Secrets
+from .shard import Shard, cursors_for
 
 # Scope names whose values exist before the first request.
 STATIC_NAMES = frozenset({"inputs", "env", "secrets", "state", "run"})
@@ -29,11 +30,12 @@ async def show_dry_run(
     environ: dict[str, str],
     out: TextIO,
     state_path: str | None,
+    shard: Shard | None = None,
 ) -> None:
     saved: dict[str, Any] = {}
     if state_path and os.path.exists(state_path):
         saved = StateStore(state_path).load()
-    streams = saved.get("streams") or {}
+    streams = cursors_for(saved, shard, flow.outputs)
     state_scope = state_view(flow.outputs, streams, set(flow.streams) | set(streams))
     started = clock.current().now()
     run = FlowRun(

@@ -421,7 +421,10 @@ async def _execute(
                     check_sink(sink, output, state, environ, redactor)
                 values = prepare_inputs(flow, inputs)
                 check_environment(flow, environ)
-                await show_dry_run(choose_auth(flow, values, environ), values, environ, out, state)
+                _, state = _shard_paths(flow, part, output_dir, state)
+                await show_dry_run(
+                    choose_auth(flow, values, environ), values, environ, out, state, part
+                )
                 return RunResult(EXIT_OK, "success", {})
             result = await _run(
                 flow, inputs, output_dir, output, sink, state, timeout, environ, out, redactor,

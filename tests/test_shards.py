@@ -619,3 +619,24 @@ def test_eight_shards_prepare_one_fresh_schema_at_once(postgres_url: str) -> Non
     for thread in threads:
         thread.join(60)
     assert failures == []
+
+
+def test_a_dry_run_shows_the_shards_own_cursor(
+    cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    write_flow(SHARDED)
+    state = {"version": 1, "streams": {"orders": {"cursor": 5}}, "shards": {}}
+    state["shards"] = {"1/2": {"orders": {"cursor": 42}}}
+    (tmp_path / "st-1.json").write_text(json.dumps(state))
+    (tmp_path / "st-0.json").write_text(json.dumps(state))
+    env = {"API": "http://127.0.0.1:9"}
+    own = cli(
+        "run", "flow.yaml", "--dry-run", "--shard", "1/2", "--state", "st-{shard}.json", env=env
+    )
+    assert own.code == 0, own.stderr
+    assert "orders: cursor 42" in own.stdout
+    other = cli(
+        "run", "flow.yaml", "--dry-run", "--shard", "0/2", "--state", "st-{shard}.json", env=env
+    )
+    assert other.code == 0, other.stderr
+    assert "orders: cursor 5" in other.stdout  # no entry of its own: the smallest
