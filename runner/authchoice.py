@@ -1,6 +1,7 @@
 """Auth chosen once per run, before secrets are resolved: the first alternative of a service
 whose `when` holds (on inputs, env and `has_secret('NAME')`), and the auth a service shares
-with `auth: {use: S}`. Secrets named only by alternatives not chosen are not required."""
+with `auth: {use: S}`. Secrets and environment variables read only by alternatives not
+chosen are not required."""
 
 from __future__ import annotations
 
@@ -29,16 +30,29 @@ def choose_auth(flow: Flow, inputs: Mapping[str, Any], environ: Mapping[str, str
     scope = {"inputs": dict(inputs), "env": dict(environ)}
     chosen: dict[str, ServiceSpec] = dict(services)
     secrets = set(flow.secrets)
+    passed_over: list[str] = []  # the key paths of the alternatives not chosen
     for name, spec in services.items():
         if not spec.auth_alternatives:
             continue
         alternative = _first(name, spec.auth_alternatives, scope, has_secret)
         chosen[name] = dataclasses.replace(spec, auth=alternative.auth, auth_alternatives=())
         secrets |= alternative.secrets
+        passed_over += [
+            f"services.{name}.auth[{i}]"
+            for i, other in enumerate(spec.auth_alternatives)
+            if other is not alternative
+        ]
     for name, spec in services.items():
         if spec.auth_use is not None and spec.auth_use in chosen:
             chosen[name] = dataclasses.replace(spec, auth=chosen[spec.auth_use].auth)
-    return dataclasses.replace(flow, services=chosen, secrets=frozenset(secrets))
+    env_reads = tuple(r for r in flow.env_reads if not _inside(r.path, passed_over))
+    return dataclasses.replace(
+        flow, services=chosen, secrets=frozenset(secrets), env_reads=env_reads
+    )
+
+
+def _inside(path: str, places: list[str]) -> bool:
+    return any(path == p or path.startswith((p + ".", p + "[")) for p in places)
 
 
 def _first(

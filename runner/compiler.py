@@ -527,7 +527,7 @@ class _Compiler:
             self._note_template(path, text, compiled.step_refs)
             for root, key in sorted(compiled.reads - compiled.guarded_reads):
                 if root == "env":
-                    self.env_reads.append(Read(key, self._where(path)))
+                    self.env_reads.append(Read(key, self._where(path), format_path(path)))
         return compiled
 
     def _where(self, path: Path) -> str:
@@ -617,7 +617,7 @@ class _Compiler:
         for match in _SECRET_REF.finditer(text):
             name = next(g for g in match.groups() if g is not None)
             self.secrets.add(name)
-            self.secret_reads.append(Read(name, self._where(path)))
+            self.secret_reads.append(Read(name, self._where(path), format_path(path)))
 
     # -- the flow ---------------------------------------------------------------------------
 

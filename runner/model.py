@@ -240,6 +240,7 @@ class Read:
 
     name: str
     where: str
+    path: str = ""  # the key path alone (`services.api.auth[1].username`)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -202,3 +202,23 @@ def test_two_services_share_one_rotating_refresh_token(
         (current,) = api.refresh_tokens
         assert state["auth"] == {"harvest": {"refresh_token": current}}
     assert api.token_forms[0]["refresh_token"] == "rt-0"
+
+
+def test_an_environment_variable_read_only_by_an_alternative_not_chosen_may_be_missing(
+    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    api = Api()
+    server = serve(api_app(api))
+    flow = CHOICE.replace("KIND", "header").replace(
+        "client_id: cid", 'client_id: "{{ env.OAUTH_CLIENT_ID }}"'
+    )
+    write_flow(flow)
+    env = {"API": server.url, "KEY": API_KEY, "USE_KEY": "yes"}
+    result = cli("run", "flow.yaml", env=env)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out" / "rows.jsonl") == [{"kind": "header"}]
+    # Chosen, the alternative's variable is required again, named with where it is read.
+    result = cli("run", "flow.yaml", env={**env, "CS": CLIENT_SECRET})
+    assert result.code == 2
+    assert "environment variable OAUTH_CLIENT_ID is not set (read at " in result.stderr
+    assert "services.api.auth[1].client_id" in result.stderr
