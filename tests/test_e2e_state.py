@@ -283,10 +283,13 @@ def test_second_run_on_the_same_state_exits_75_at_once(
 ) -> None:
     import asyncio
 
-    release = {"delay": 2.5}
+    held = {"s": 30.0}
 
     async def items(request: web.Request) -> web.Response:
-        await asyncio.sleep(release["delay"])
+        # Held until the second run has exited: it cannot have waited for the lock.
+        deadline = time.monotonic() + held["s"]
+        while held["s"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         return web.json_response([{"id": 1}])
 
     server = serve(app_with(("GET", "/items", items)))
@@ -305,13 +308,12 @@ outputs:
     holder = _start_cli(tmp_path, server)
     try:
         _wait_for_request(server, holder)
-        started = time.monotonic()
         second = run(cli, server)
-        elapsed = time.monotonic() - started
         assert second.code == 75, second.stderr
         assert "another run holds the state file" in second.stderr
         assert "state.json" in second.stderr
-        assert elapsed < 2.0
+        assert holder.poll() is None  # the first still holds the lock: the second did not wait
+        held["s"] = 0
         assert len(server.requests) == 1  # the second run sent nothing
         summary = json.loads((tmp_path / "s.json").read_text())
         assert summary["exit_code"] == 75 and summary["status"] == "failed"
