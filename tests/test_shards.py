@@ -258,6 +258,7 @@ class Shop:
         self.hits: dict[int, int] = {}
         self.queries: dict[int, dict[str, str]] = {}
         self.posts = 0
+        self.server: ServerThread
 
     def app(self) -> web.Application:
         async def customers(request: web.Request) -> web.Response:
@@ -281,6 +282,14 @@ class Shop:
         )
 
 
+@pytest.fixture
+def shop(serve: Serve) -> Shop:
+    """The shop, served; `shop.server` is its server."""
+    started = Shop()
+    started.server = serve(started.app())
+    return started
+
+
 def run(cli: Cli, server: ServerThread, *args: str, env: dict[str, str] | None = None) -> CliResult:
     result = cli("run", "flow.yaml", *args, env={"API": server.url, **(env or {})})
     return result
@@ -291,10 +300,9 @@ def ids(path: Path) -> list[int]:
 
 
 def test_three_shards_fetch_each_item_once_and_together_write_the_whole_run(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    shop = Shop()
-    server = serve(shop.app())
+    server = shop.server
     write_flow(SHARDED)
     whole = run(cli, server, "--output-dir", "whole")
     assert whole.code == 0, whole.stderr
@@ -328,10 +336,9 @@ def test_three_shards_fetch_each_item_once_and_together_write_the_whole_run(
 
 
 def test_max_items_cuts_the_whole_list_before_the_split(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    shop = Shop()
-    server = serve(shop.app())
+    server = shop.server
     write_flow(SHARDED.replace("    shard: true\n", "    shard: true\n    max_items: 10\n"))
     for i in range(2):
         assert run(cli, server, "--shard", f"{i}/2").code == 0
@@ -340,10 +347,9 @@ def test_max_items_cuts_the_whole_list_before_the_split(
 
 
 def test_shard_key_picks_what_is_hashed(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    shop = Shop()
-    server = serve(shop.app())
+    server = shop.server
     write_flow(SHARDED.replace("    shard: true\n", "    shard: true\n    shard_key: tier\n"))
     for i in range(4):
         shop.hits.clear()
@@ -352,10 +358,9 @@ def test_shard_key_picks_what_is_hashed(
 
 
 def test_usage_errors_before_any_request(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    shop = Shop()
-    server = serve(shop.app())
+    server = shop.server
     write_flow(SHARDED)
     for args, env, message in [
         (["--shard", "3/3"], {}, "--shard '3/3': the index must be below the number of shards"),
@@ -377,10 +382,9 @@ def test_usage_errors_before_any_request(
 
 
 def test_runner_shard_and_a_shard_per_output_dir(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    shop = Shop()
-    server = serve(shop.app())
+    server = shop.server
     write_flow(SHARDED)
     result = run(cli, server, "--output-dir", "d-{shard}", env={"RUNNER_SHARD": "1/2"})
     assert result.code == 0, result.stderr
@@ -389,9 +393,9 @@ def test_runner_shard_and_a_shard_per_output_dir(
 
 
 def test_json_logs_carry_the_shard(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    server = serve(Shop().app())
+    server = shop.server
     write_flow(SHARDED)
     result = run(cli, server, "--shard", "1/2", "--log-format", "json")
     assert result.code == 0, result.stderr
@@ -401,9 +405,9 @@ def test_json_logs_carry_the_shard(
 
 
 def test_rule_emits_outside_the_sharded_step_are_shard_zeros(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    server = serve(Shop().app())
+    server = shop.server
     write_flow(
         SHARDED
         + """\
@@ -432,10 +436,9 @@ def state_file(tmp_path: Path, name: str = "state.json") -> dict[str, Any]:
 
 
 def test_one_state_file_keeps_each_layouts_cursors_apart(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    shop = Shop()
-    server = serve(shop.app())
+    server = shop.server
     write_flow(SHARDED)
     # An unsharded run first: its cursor is the greatest `updated`.
     assert run(cli, server, "--state", "state.json", "--output-dir", "a").code == 0
@@ -465,9 +468,9 @@ def test_one_state_file_keeps_each_layouts_cursors_apart(
 
 
 def test_shard_one_keeps_no_cursor_of_shard_zeros_streams(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    server = serve(Shop().app())
+    server = shop.server
     flow = SHARDED.replace(
         "outputs:\n", "outputs:\n  customers: {primary_key: [id], cursor: {field: id}}\n"
     )
@@ -518,12 +521,11 @@ def test_postgres_layouts_exclude_each_other(postgres_url: str) -> None:
 
 
 def test_a_sqlite_destination_keeps_each_layouts_rows(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
     import sqlite3
 
-    shop = Shop()
-    server = serve(shop.app())
+    server = shop.server
     write_flow(SHARDED)
     sink = ["--sink", "sqlite:///shop.db"]
     assert run(cli, server, *sink).code == 0
@@ -543,9 +545,9 @@ def test_a_sqlite_destination_keeps_each_layouts_rows(
 
 
 def test_singer_state_names_the_shard(
-    serve: Serve, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
 ) -> None:
-    server = serve(Shop().app())
+    server = shop.server
     write_flow(SHARDED)
     result = run(cli, server, "--sink", "singer", "--shard", "1/2", "--state", "st.json")
     assert result.code == 0, result.stderr
