@@ -4,8 +4,9 @@ its `shard: true` for_each steps whose stable hash is I modulo N.
 The hash is the first 8 bytes, big-endian, of the SHA-256 of the item's canonical JSON
 (sorted keys, separators `,` `:`, UTF-8), or of its `shard_key` value's: the same on every
 machine and Python version, unlike `hash()`. Each shard keeps its cursors under its own key
-(`I/N`); a shard with no entry of its own starts from the smallest cursor any other entry
-holds, so that changing N never skips a record (docs/SCALING.md).
+(`I/N`); a shard with no entry of its own starts from the smallest cursor any other layout
+(the unsharded run, another N) holds, so that changing N never skips a record
+(docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -101,14 +102,18 @@ def cursors_for(
     state: Mapping[str, Any], shard: Shard | None, specs: Mapping[str, StreamSpec]
 ) -> dict[str, Any]:
     """stream -> entry that this run starts from: its own entry's where it has one, else the
-    entry with the smallest cursor among all the others (its `seen` keys with it, those of
-    entries at the same cursor joined), so that no shard layout skips what another did not
-    fetch. Nothing is deleted."""
+    entry with the smallest cursor among the other layouts' (its `seen` keys with it, those
+    of entries at the same cursor joined), so that no shard layout skips what another did
+    not fetch. The other shards of this run's own N are no guide: their items are not this
+    shard's, and a shard whose first run starts after its siblings committed would skip its
+    own older records. Nothing is deleted."""
     entries = entries_of(state)
     own_key = shard.key if shard is not None else ""
     own = dict(entries.pop(own_key, {}))
     others: dict[str, list[Mapping[str, Any]]] = {}
-    for streams in entries.values():
+    for key, streams in entries.items():
+        if shard is not None and key.partition("/")[2] == str(shard.count):
+            continue  # a sibling of this layout
         for stream, entry in streams.items():
             if isinstance(entry, Mapping) and entry.get("cursor") is not None:
                 others.setdefault(stream, []).append(entry)

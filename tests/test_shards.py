@@ -106,6 +106,17 @@ def test_without_an_entry_the_smallest_cursor_of_any_layout_with_its_seen_keys()
     assert state["shards"]["2/3"] == {"orders": {"cursor": 6}}  # nothing is deleted
 
 
+def test_a_shards_siblings_are_no_guide_to_its_cursor() -> None:
+    # Shard 1/3 starts after 0/3 and 2/3 committed: their items are not its own, so it
+    # starts from the other layouts' entries, or from the beginning when there are none.
+    siblings = {"0/3": {"orders": {"cursor": 9}}, "2/3": {"orders": {"cursor": 7}}}
+    assert cursors_for({"shards": siblings}, Shard(1, 3), SPECS) == {}
+    with_old = {"streams": {"orders": {"cursor": 5}}, "shards": {**siblings, "0/2": {}}}
+    assert cursors_for(with_old, Shard(1, 3), SPECS) == {"orders": {"cursor": 5}}
+    with_old["shards"]["1/13"] = {"orders": {"cursor": 3}}
+    assert cursors_for(with_old, Shard(1, 3), SPECS) == {"orders": {"cursor": 3}}
+
+
 def test_datetime_cursors_compare_as_times() -> None:
     specs = {
         "orders": StreamSpec(
@@ -465,6 +476,23 @@ def test_one_state_file_keeps_each_layouts_cursors_apart(
     assert {q["since"] for q in shop.queries.values()} == {str(top)}
     assert state_file(tmp_path)["streams"]["orders"]["cursor"] == 501
     assert set(state_file(tmp_path)["shards"]) == {"0/2", "1/2", "0/3"}
+
+
+def test_a_shards_first_run_after_its_siblings_committed_fetches_from_the_start(
+    shop: Shop, cli: Cli, write_flow: WriteFlow, tmp_path: Path
+) -> None:
+    server = shop.server
+    write_flow(SHARDED)
+    assert run(cli, server, "--shard", "0/2", "--state", "state.json").code == 0
+    assert state_file(tmp_path)["shards"]["0/2"]["orders"]["cursor"] == max(shop.ids) + 1
+    shop.queries.clear()
+    assert run(cli, server, "--shard", "1/2", "--state", "state.json").code == 0
+    # Shard 0's cursor is not shard 1's: shard 1 asks for everything of its own.
+    assert shop.queries and {q.get("since") for q in shop.queries.values()} == {None}
+    ones = [c for c in shop.ids if owner({"id": c, "tier": c % 3}, 2) == 1]
+    assert ids(tmp_path / "out" / "1" / "orders.jsonl") == sorted(
+        c * 10 + k for c in ones for k in range(2)
+    )
 
 
 def test_shard_one_keeps_no_cursor_of_shard_zeros_streams(
