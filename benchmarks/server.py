@@ -1,6 +1,6 @@
 """The benchmark's local API: deterministic records, paged lists and single-record lookups.
 
-    python benchmarks/server.py [--port 0]      # prints its base URL, then serves
+    python benchmarks/server.py [--port 0] [--delay 0]   # prints its base URL, then serves
 
 Every URL starts with `/n/<total>`, the size of the data set, so one server serves the
 50,000-record workload and the scaling runs alike:
@@ -10,8 +10,10 @@ Every URL starts with `/n/<total>`, the size of the data set, so one server serv
     GET /n/<total>/items/<id>               -> one record
     GET /n/<total>/ids                      -> [1, 2, ..., total]
 
-Bodies are built once and cached (bounded), so the server costs every client the same and as
-little as possible: the clients, not the server, are what is measured.
+`--delay S` makes every single-record lookup wait S seconds first: an API's own latency, for
+workloads bound by waiting rather than by the client's CPU. Bodies are built once and
+cached (bounded), so the server costs every client the same and as little as possible: the
+clients, not the server, are what is measured.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _int(request: web.Request, name: str, default: int) -> int:
         raise web.HTTPBadRequest(text=f"{name} must be an integer") from exc
 
 
-def make_app() -> web.Application:
+def make_app(delay: float = 0.0) -> web.Application:
     bodies = Bodies()
 
     def json_response(body: bytes) -> web.Response:
@@ -107,6 +109,8 @@ def make_app() -> web.Application:
         i = int(request.match_info["id"])
         if not 1 <= i <= total:
             raise web.HTTPNotFound()
+        if delay:
+            await asyncio.sleep(delay)
         return json_response(bodies.get(("item", i), lambda: record(i)))
 
     async def ids(request: web.Request) -> web.Response:
@@ -120,8 +124,8 @@ def make_app() -> web.Application:
     return app
 
 
-async def serve(host: str, port: int) -> None:
-    runner = web.AppRunner(make_app(), access_log=None)
+async def serve(host: str, port: int, delay: float = 0.0) -> None:
+    runner = web.AppRunner(make_app(delay), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
@@ -139,9 +143,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each lookup")
     args = parser.parse_args()
     try:
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.delay))
     except KeyboardInterrupt:
         sys.exit(0)
 
