@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path as FilePath
 from typing import Any, Final, TypeVar
 
@@ -370,6 +370,8 @@ class _Compiler:
         self.step_refs: set[str] = set()
         # The steps.<id> each step's own expressions and templates read, by the step's id.
         self.refs_of: dict[str, set[str]] = {}
+        # The steps whose expressions or templates read `state`.
+        self.reads_state: set[str] = set()
         self.secrets: set[str] = set()
         self.emitted: set[str] = set()
         self.infos: dict[Path, _StepInfo] = {}
@@ -465,6 +467,8 @@ class _Compiler:
             )
         if step is not None and compiled.step_refs:
             self.refs_of.setdefault(step.id, set()).update(compiled.step_refs)
+        if step is not None and "state" in names:
+            self.reads_state.add(step.id)
         for ref in sorted(compiled.step_refs):
             if ref not in self.order:
                 hint = did_you_mean(ref, list(self.order))
@@ -960,6 +964,14 @@ class _Compiler:
                 "a sharded for_each cannot read state: each shard keeps its own state, so "
                 "the shards would split different item lists",
             )
+        elif (source := self._state_source(for_each.step_refs)) is not None:
+            self.at_value(
+                (*path, "for_each"),
+                f"a sharded for_each cannot read state, nor a step that does: its items come "
+                f"from step '{source}', which reads state, and each shard keeps its own state "
+                "(shard 0 alone moves the cursors of the steps outside the sharded one), so "
+                "the shards would split different item lists; fetch the list without state",
+            )
         reads_time = _CALLS_NOW.search(for_each.source) or "run" in for_each.root_names
         if reads_time and shard_key is None:
             self.at_key(
@@ -968,6 +980,20 @@ class _Compiler:
                 "so their items differ: give shard_key the part of an item that is the same "
                 "in every shard (for windows(): shard_key: start)",
             )
+
+    def _state_source(self, refs: Collection[str]) -> str | None:
+        """The first step among `refs`, and the steps they read, that reads state."""
+        seen: set[str] = set()
+        todo = sorted(refs)
+        while todo:
+            ref = todo.pop(0)
+            if ref in seen:
+                continue
+            seen.add(ref)
+            if ref in self.reads_state:
+                return ref
+            todo += sorted(self.refs_of.get(ref, ()))
+        return None
 
     def _shards(self, steps: tuple[StepSpec, ...]) -> tuple[tuple[StepSpec, ...], list[str]]:
         """Marks the steps whose records differ from shard to shard (`in_shard`), and warns

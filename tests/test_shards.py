@@ -214,6 +214,20 @@ steps:
     )
 
 
+def test_a_sharded_for_each_cannot_read_a_step_that_reads_state(
+    cli: Cli, write_flow: WriteFlow
+) -> None:
+    # Shard 0 alone keeps the list step's cursor: the others would list other customers.
+    since = "query: {since: '{{ state.customers.cursor }}'}"
+    write_flow(SHARDED.replace("path: /customers}", f"path: /customers, {since}}}"))
+    result = cli("validate", "flow.yaml")
+    assert result.code == 2, result.stdout + result.stderr
+    assert (
+        "flow.yaml:15:15: steps[1].for_each: a sharded for_each cannot read state, nor a step "
+        "that does: its items come from step 'customers', which reads state"
+    ) in result.stdout + result.stderr
+
+
 def test_validate_warns_of_a_step_that_reads_a_sharded_step(
     cli: Cli, write_flow: WriteFlow
 ) -> None:
