@@ -65,6 +65,27 @@ else
   status=1
 fi
 
+# One flow split into 3 shards started at once, as a Kubernetes Indexed Job or Airflow would.
+echo
+printf '%-22s ' "companies in 3 shards"
+pids=()
+for i in 0 1 2; do
+  "$BIN/runner" run flows/companies_sharded.yaml --shard "$i/3" --output-dir "$OUT/shards/{shard}" \
+    2>"$OUT/shards.$i.log" &
+  pids+=($!)
+done
+shard_status=0
+for pid in "${pids[@]}"; do wait "$pid" || shard_status=$?; done
+if [[ $shard_status -eq 0 ]]; then
+  for i in 0 1 2; do
+    printf 'shard %s/3: %s companies  ' "$i" "$(wc -l <"$OUT/shards/$i/companies.jsonl")"
+  done
+  echo
+else
+  echo "FAILED (exit $shard_status), see $OUT/shards.*.log"
+  status=1
+fi
+
 echo
 echo "Records are in $OUT/<flow>/<stream>.jsonl, with manifest.json beside them;"
 echo "summaries in $OUT/<flow>.summary.json, logs in $OUT/<flow>.log; the contacts also in $DB."

@@ -744,3 +744,58 @@ def test_sigterm_still_writes_the_recording(serve: Serve, tmp_path: Path) -> Non
     ]
     assert entries[1]["_message"] == "cancelled before a response"
     assert not (tmp_path / "stopped.har.partial").exists()
+
+
+def test_a_case_shard_is_checked_at_its_place(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "poll.yaml").write_text(POLL_FLOW)
+    (tmp_path / "x.test.yaml").write_text(
+        "version: 1\nflow: poll.yaml\ncases:\n  - name: a\n    shard: 3/3\n"
+        "  - name: b\n    shard: 0/2\n"
+    )
+    result = cli("test", "x.test.yaml")
+    assert result.code == 2
+    assert (
+        "x.test.yaml:5:5: cases[0].shard: '3/3': the index must be below the number of shards"
+        in result.stdout
+    )
+    assert (
+        "x.test.yaml:7:5: cases[1].shard: the flow has no for_each step with shard: true"
+        in result.stdout
+    )
+
+
+def test_a_sharded_case_replays_its_shards_part(cli: Cli, tmp_path: Path) -> None:
+    # The example flow's recording, replayed as each of 3 shards: each its own companies
+    # (by the hash of the company id), which together are the whole run's, each once.
+    from runner.shard import bucket
+
+    flows = Path(__file__).resolve().parent.parent / "flows"
+    shutil.copy(flows / "companies_sharded.yaml", tmp_path)
+    shutil.copy(flows / "tests" / "recordings" / "companies_sharded.har", tmp_path)
+    whole = read_jsonl(flows / "tests" / "expected" / "companies_sharded" / "companies.jsonl")
+    parts = [[c for c in whole if bucket(c["id"], 3) == i] for i in range(3)]
+    assert all(parts) and sorted(c["id"] for p in parts for c in p) == sorted(
+        c["id"] for c in whole
+    )
+    cases = "".join(
+        f"  - name: shard {i}\n    recording: companies_sharded.har\n"
+        f"    env: {{DEMO_API_URL: 'http://127.0.0.1:8787'}}\n    shard: {i}/3\n"
+        "    match: {allow_unused: true}\n"
+        f"    expect: {{outputs: {{companies: {json.dumps(part)}}}}}\n"
+        for i, part in enumerate(parts)
+    )
+    (tmp_path / "s.test.yaml").write_text(
+        f"version: 1\nflow: companies_sharded.yaml\ncases:\n{cases}"
+    )
+    result = cli("test", "s.test.yaml", "--format", "json")
+    assert result.code == 0, result.stdout + result.stderr
+    assert [c["status"] for c in json_report(result)] == ["pass"] * 3
+    # And a wrong part fails: the shard really filters.
+    (tmp_path / "s.test.yaml").write_text(
+        (tmp_path / "s.test.yaml").read_text().replace("shard: 1/3", "shard: 2/3", 1)
+    )
+    assert [c["status"] for c in json_report(cli("test", "s.test.yaml", "--format", "json"))] == [
+        "pass",
+        "fail",
+        "pass",
+    ]

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from runner.errors import FlowError, Problem
+from runner.errors import FlowError, Problem, UsageError
 from runner.har import HarFormatError, RecordedEntry, load_har, parse_iso
 from runner.loader import Document, load_document
+from runner.shard import Shard, parse_shard
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
@@ -88,6 +89,7 @@ class Case:
     secrets: dict[str, str]
     state: dict[str, Any] | None
     now: datetime | None
+    shard: Shard | None
     match: Match
     expect: dict[str, Any]
     outputs: dict[str, Expected] = field(default_factory=dict)
@@ -165,7 +167,8 @@ def load_test_file(path: str, *, update: bool = False) -> TestFile:
             test.problems += list(exc.problems)
     names: dict[str, int] = {}
     for index, raw in enumerate(data["cases"]):
-        case = _case(doc, folder, index, raw, test.problems, update)
+        sharded = test.flow.sharded if test.flow is not None else None
+        case = _case(doc, folder, index, raw, test.problems, update, sharded)
         if raw["name"] in names:
             test.problems.append(
                 doc.problem(["cases", index, "name"], f"a second case named {raw['name']!r}")
@@ -178,7 +181,7 @@ def load_test_file(path: str, *, update: bool = False) -> TestFile:
 
 def _case(
     doc: Document, folder: str, index: int, raw: dict[str, Any], problems: list[Problem],
-    update: bool,
+    update: bool, sharded: bool | None,
 ) -> Case | None:  # fmt: skip
     where: list[str | int] = ["cases", index]
     before = len(problems)
@@ -200,6 +203,16 @@ def _case(
         except ValueError:
             message = f"not an ISO 8601 date-time: {raw['now']!r}"
             problems.append(doc.problem([*where, "now"], message))
+    shard = None
+    if "shard" in raw:
+        try:
+            shard = parse_shard(str(raw["shard"]), "shard")
+        except UsageError as exc:
+            problems.append(doc.problem([*where, "shard"], exc.message.removeprefix("shard ")))
+        else:
+            if sharded is False:
+                message = "the flow has no for_each step with shard: true"
+                problems.append(doc.problem([*where, "shard"], message))
     expect = dict(raw.get("expect") or {})
     outputs: dict[str, Expected] = {}
     for stream, value in (expect.get("outputs") or {}).items():
@@ -230,6 +243,7 @@ def _case(
         secrets=dict(raw.get("secrets") or {}),
         state=raw.get("state"),
         now=now,
+        shard=shard,
         match=Match(
             headers=tuple(match.get("headers") or ()),
             ignore_query=frozenset(match.get("ignore_query") or ()),

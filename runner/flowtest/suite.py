@@ -181,6 +181,7 @@ def run_case(
                 rng=random.Random(JITTER_SEED),
                 loop_factory=clock.new_event_loop,
                 run_id=run_id,
+                shard=case.shard,
             )
         # Compared while the run's files exist; a snapshot file equal byte for byte to the
         # stream's file needs no parsing (50,000 records compare in milliseconds).
