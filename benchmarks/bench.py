@@ -173,9 +173,11 @@ def peer_ok(python: Path, module: str) -> str | None:
 
 
 class Server:
-    def __init__(self) -> None:
+    """benchmarks/server.py in a process of its own; `delay`: seconds before each lookup."""
+
+    def __init__(self, delay: float = 0.0) -> None:
         self.proc = subprocess.Popen(
-            [PY, str(HERE / "server.py"), "--port", "0"],
+            [PY, str(HERE / "server.py"), "--port", "0", "--delay", str(delay)],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -188,6 +190,11 @@ class Server:
 
     def base(self, total: int) -> str:
         return f"{self.url}/n/{total}"
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU time so far (Linux: /proc), to see whether it kept up."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -36,41 +36,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import Server
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 RUNNER = str(Path(PY).parent / "runner")
 FLOW = HERE / "flows" / "fanout_sharded.yaml"
-
-
-class Server:
-    """benchmarks/server.py in its own process, so that it takes no CPU from the clients'
-    processes beyond what serving costs."""
-
-    def __init__(self, delay: float) -> None:
-        self.proc = subprocess.Popen(
-            [PY, str(HERE / "server.py"), "--port", "0", "--delay", str(delay)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if not line.startswith("http://"):
-            self.proc.kill()
-            raise SystemExit(f"bench server did not start: {line!r}")
-        self.url = line
-
-    def cpu_seconds(self) -> float:
-        """The server's CPU time so far (Linux: /proc), to see whether it kept up."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def count_lines(path: Path) -> int:
@@ -149,7 +121,7 @@ def measure(
     workload: str, delay: float, ids: int, shard_counts: list[int], rounds: int, work: Path
 ) -> dict[str, object]:
     server = Server(delay)
-    base = f"{server.url}/n/{ids}"
+    base = server.base(ids)
     configs = [Config("hand-written loop", 0)]
     configs += [Config(f"runner, {n} shard{'s' if n > 1 else ''}", n) for n in shard_counts]
     try:
