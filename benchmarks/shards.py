@@ -36,18 +36,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import Server
+from bench import Server, count_lines
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 RUNNER = str(Path(PY).parent / "runner")
 FLOW = HERE / "flows" / "fanout_sharded.yaml"
-
-
-def count_lines(path: Path) -> int:
-    with path.open("rb") as fh:
-        return sum(1 for _ in fh)
 
 
 @dataclass
@@ -108,7 +103,7 @@ def run_config(config: Config, server: Server, base: str, expected: int, work: P
         for proc, log in zip(procs, logs, strict=True)
         if proc.returncode != 0
     ]
-    counts = [count_lines(out) if out.exists() else 0 for out in outs]
+    counts = [count_lines(out) for out in outs]
     if failed or sum(counts) != expected:
         config.errors.append(f"{sum(counts)}/{expected} records; " + "; ".join(failed))
         return

@@ -334,8 +334,8 @@ def _stand_in_airflow() -> dict[str, types.ModuleType]:
 
 def dag_module() -> dict[str, Any]:
     """The DAG file run against the stand-in (or against Airflow, when it is installed)."""
-    saved = {name: sys.modules.get(name) for name in _stand_in_airflow()}
     stand_in = _stand_in_airflow()
+    saved = {name: sys.modules.get(name) for name in stand_in}
     try:
         sys.modules.update(stand_in)
         namespace = runpy.run_path(str(DAG_FILE))

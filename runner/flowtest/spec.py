@@ -166,8 +166,8 @@ def load_test_file(path: str, *, update: bool = False) -> TestFile:
         except FlowError as exc:
             test.problems += list(exc.problems)
     names: dict[str, int] = {}
+    sharded = test.flow.sharded if test.flow is not None else None
     for index, raw in enumerate(data["cases"]):
-        sharded = test.flow.sharded if test.flow is not None else None
         case = _case(doc, folder, index, raw, test.problems, update, sharded)
         if raw["name"] in names:
             test.problems.append(
